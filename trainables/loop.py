@@ -1,0 +1,327 @@
+"""The one fine-tuning loop, shared by ``hesstune train``, the Ray trainable and the study.
+
+:func:`fine_tune` is a generator: it yields an :class:`EpochResult` after every epoch (metrics
+plus a callable returning the checkpoint state), and the last one carries the Hessian measures.
+Regularizers act only through the hooks of :class:`~trainables.regularizers.Regularizer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.config import ConfigError, RunConfig
+from trainables.data import TaskData, load_task
+from trainables.models import create_model, layer_groups
+from trainables.regularizers import Regularizer, RunContext, build_regularizers
+
+__all__ = ["EpochResult", "DivergedError", "fine_tune", "predict", "resolve_device", "train_to_end"]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    metrics: dict[str, float]
+    final: bool
+    state: Callable[[], dict[str, Any]] = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available: use device=cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    """Logits in eval mode (BatchNorm running stats); the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return torch.cat([model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Run:
+    cfg: RunConfig
+    data: TaskData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    regs: list[Regularizer]
+    ctx: RunContext
+    device: torch.device
+    gradient_reg: Regularizer | None
+    passes: list[int] = field(default_factory=lambda: [0, 0])  # forward, backward since epoch start
+    steps: int = 0
+
+
+def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _scheduler(cfg: RunConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if cfg.optim.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
+    if cfg.optim.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return None
+
+
+def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run:
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size).to(device)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    regs = build_regularizers(cfg)
+    gradient_regs = [r for r in regs if r.changes_gradient]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train = data.train
+    ctx = RunContext(
+        model=model, reference=reference, groups=layer_groups(model),
+        labels=train.labels.clone(), noisy=train.labels.clone(),
+        clean=train.clean if data.transition is not None else None,
+        num_classes=data.num_classes, epochs=cfg.epochs, transition=data.transition,
+        noise_rate=cfg.task.noise.rate if cfg.task.noise.kind != "none" else 0.0,
+        generator=generator, fit_plain=lambda epochs: _fit_plain(cfg, data, epochs), log=log,
+    )
+    ctx.train_x = train.x  # type: ignore[attr-defined]  # for estimating F
+    for reg in regs:
+        reg.setup(ctx)
+    opt = _optimizer(cfg, model)
+    return _Run(cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device,
+                gradient_regs[0] if gradient_regs else None)
+
+
+def _fit_plain(cfg: RunConfig, data: TaskData, epochs: int) -> nn.Module:
+    """A plain fine-tuning (no regularizer, no measure) of ``epochs`` epochs, e.g. to estimate F."""
+    plain = cfg.replace(**{"consistent.enabled": False, "self_label.enabled": False,
+                           "constraint.enabled": False, "nso.enabled": False, "sam.enabled": False,
+                           "measure.enabled": False, "epochs": epochs})
+    run = _prepare(plain, data, log=lambda _: None)
+    for epoch in range(1, epochs + 1):
+        _train_epoch(run, epoch)
+    return run.model
+
+
+# -- one step ----------------------------------------------------------------------------------
+def _batch_loss(run: _Run, logits: torch.Tensor, labels: torch.Tensor, epoch: int) -> torch.Tensor:
+    losses = None
+    for reg in run.regs:
+        losses = reg.sample_loss(logits, labels) if losses is None else losses
+    if losses is None:
+        losses = F.cross_entropy(logits, labels, reduction="none")
+    loss = None
+    for reg in run.regs:
+        loss = reg.reduce(losses, epoch) if loss is None else loss
+    loss = losses.mean() if loss is None else loss
+    for reg in run.regs:
+        extra = reg.penalty()
+        loss = loss if extra is None else loss + extra
+    return loss
+
+
+def _step(run: _Run, x: torch.Tensor, index: torch.Tensor, epoch: int) -> float:
+    labels_ref: list[torch.Tensor] = []
+
+    def closure(backward: bool = True) -> torch.Tensor:
+        run.passes[0] += 1
+        logits = run.model(x)
+        if not labels_ref:  # the first pass of the step fixes the batch's labels
+            for reg in run.regs:
+                reg.relabel(logits, index, epoch)
+            labels_ref.append(run.ctx.labels[index].to(run.device))
+        loss = _batch_loss(run, logits, labels_ref[0], epoch)
+        if backward:
+            run.passes[1] += 1
+            loss.backward()
+        return loss
+
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = run.gradient_reg.gradient(closure, epoch) if run.gradient_reg else None
+    loss = closure() if loss is None else loss
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise DivergedError(f"training loss became {value} at epoch {epoch}: lower optim.lr")
+    run.optimizer.step()
+    for reg in run.regs:
+        reg.after_step()
+    run.steps += 1
+    return value
+
+
+def _train_epoch(run: _Run, epoch: int) -> float:
+    run.model.train()
+    train = run.data.train
+    order = torch.randperm(len(train), generator=run.ctx.generator)
+    losses = [
+        _step(run, train.x[idx].to(run.device), idx, epoch)
+        for idx in order.split(run.cfg.optim.batch_size)
+    ]
+    if run.scheduler is not None:
+        run.scheduler.step()
+    return float(np.mean(losses))
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def _split_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    loss = F.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    return loss, acc
+
+
+def _objective_losses(run: _Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    for reg in run.regs:
+        losses = reg.sample_loss(logits, labels)
+        if losses is not None:
+            return losses
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def _distances(run: _Run) -> dict[str, float]:
+    params = dict(run.model.named_parameters())
+    ref = run.ctx.reference
+    out, total = {}, 0.0
+    groups = [*run.ctx.groups.groups, run.ctx.groups.head]
+    for g, names in enumerate(groups):
+        sq = [float((params[n] - ref[n]).pow(2).sum()) for n in names]
+        total += sum(math.sqrt(s) for s in sq)
+        out["dist/head" if g == len(groups) - 1 else f"dist/g{g}"] = math.sqrt(sum(sq))
+    out["distance"] = total  # Σ_i ‖W_i − W_i⁽⁰⁾‖_F over constrainable weight tensors
+    return out
+
+
+def evaluate(run: _Run) -> dict[str, float]:
+    """Eval-mode losses/accuracies; ``gap`` uses the same loss and label distribution as training."""
+    data, model = run.data, run.model
+    train_logits = predict(model, data.train.x)
+    m: dict[str, float] = {}
+    noisy = data.train.labels
+    m["train_loss"] = float(_objective_losses(run, train_logits, noisy).mean())
+    m["train_ce"], m["train_acc"] = _split_metrics(train_logits, noisy)
+    m["train_acc_clean"] = _split_metrics(train_logits, data.train.clean)[1]
+    wrong = data.train.noise_mask
+    m["memorized"] = float((train_logits.argmax(1)[wrong] == noisy[wrong]).float().mean()) if wrong.any() else 0.0
+    if data.val is not None:
+        m["val_loss"], m["val_acc"] = _split_metrics(predict(model, data.val.x), data.val.labels)
+    test_logits = predict(model, data.test.x)
+    m["test_loss"], m["test_acc"] = _split_metrics(test_logits, data.test.clean)
+    m["test_loss_noisy"], m["test_acc_noisy"] = _split_metrics(test_logits, data.test_noisy)
+    consistent = any(r.name == "consistent" for r in run.regs)
+    m["gap"] = (m["test_loss"] if consistent else m["test_loss_noisy"]) - m["train_loss"]
+    m["gap_clean"] = m["test_loss"] - m["train_loss"]
+    m["acc_gap"] = m["train_acc"] - m["test_acc_noisy"]
+    return m
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _state(run: _Run, epoch: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "model": copy.deepcopy(run.model.state_dict()),
+        "reference": {k: v.clone() for k, v in run.ctx.reference.items()},
+        "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+        "scheduler": run.scheduler.state_dict() if run.scheduler else {},
+        "regularizers": {r.name: r.state_dict() for r in run.regs},
+        "labels": run.ctx.labels.clone(),
+        "generator": run.ctx.generator.get_state(),
+    }
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> int:
+    run.model.load_state_dict(state["model"])
+    for name, value in state["reference"].items():
+        run.ctx.reference[name].copy_(value)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state["scheduler"]:
+        run.scheduler.load_state_dict(state["scheduler"])
+    run.ctx.labels.copy_(state["labels"])
+    for reg in run.regs:
+        reg.load_state_dict(state["regularizers"].get(reg.name, {}))
+    run.ctx.generator.set_state(state["generator"])
+    return int(state["epoch"])
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def fine_tune(
+    cfg: RunConfig,
+    *,
+    data: TaskData | None = None,
+    resume: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Iterator[EpochResult]:
+    """Fine-tune per ``cfg``, yielding after every epoch; resume from a checkpoint state."""
+    cfg.validate()
+    data = data if data is not None else load_task(cfg.task)
+    run = _prepare(cfg, data, log)
+    start = _restore(run, resume) + 1 if resume else 1
+    for epoch in range(start, cfg.epochs + 1):
+        yield _run_epoch(run, epoch)
+
+
+def _run_epoch(run: _Run, epoch: int) -> EpochResult:
+    cfg = run.cfg
+    run.passes[:] = [0, 0]
+    steps_before = run.steps
+    tic = time.perf_counter()
+    train_objective = _train_epoch(run, epoch)
+    seconds = time.perf_counter() - tic
+    steps = max(run.steps - steps_before, 1)
+    metrics = {
+        "epoch": float(epoch),
+        "train_objective": train_objective,
+        "epoch_s": seconds,
+        "forward_passes_per_step": run.passes[0] / steps,
+        "backward_passes_per_step": run.passes[1] / steps,
+        "lr": float(run.optimizer.param_groups[0]["lr"]),
+        **evaluate(run),
+        **_distances(run),
+    }
+    for reg in run.regs:
+        metrics.update(reg.end_epoch(epoch))
+    final = epoch == cfg.epochs
+    if cfg.measure.enabled and (final or (cfg.measure.every and epoch % cfg.measure.every == 0)):
+        from trainables.measures import measure_model
+
+        metrics.update(measure_model(run.model, run.ctx.reference, run.data, cfg, transition=_transition(run)))
+    return EpochResult(epoch, metrics, final, lambda: _state(run, epoch))
+
+
+def _transition(run: _Run) -> np.ndarray | None:
+    """The best-known noise transition matrix: the consistent loss's F, else the task's."""
+    for reg in run.regs:
+        matrix = getattr(reg, "transition", None)
+        if isinstance(matrix, np.ndarray):
+            return matrix
+    return run.data.transition
+
+
+def train_to_end(cfg: RunConfig, **kwargs: Any) -> list[EpochResult]:
+    """Run :func:`fine_tune` to completion and return every epoch's result."""
+    return list(fine_tune(cfg, **kwargs))
+
+

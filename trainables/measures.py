@@ -1,0 +1,98 @@
+"""End-of-trial Hessian measures and the bound built on them (SPEC §4).
+
+- M = Σ_i √H_i / √n, H_i = max_j max(v_iᵀ H_ii(x_j, y_j) v_i, 0) over the measure sample set S
+  (the training set capped at ``measure.samples`` by a seeded subset; its size is recorded).
+- B = L̂ + √C · M with a trial-independent C:
+  * ``fwd`` (when the noise transition matrix F is known and has no zero entry):
+    L̂ = mean −log((Fᵀp)_ỹ), the forward-corrected training loss, bounded by C = −log(min F);
+  * ``trunc`` otherwise: L̂ = mean min(CE, C) with C = ``measure.loss_bound`` or 2·log K.
+  Never the trained model's own max loss: that rewards models that memorised noisy labels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.config import RunConfig
+from trainables.data import TaskData
+from trainables.loop import predict
+
+__all__ = ["bound_terms", "measure_model", "per_sample_ce"]
+
+
+def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def bound_terms(
+    logits: torch.Tensor, labels: torch.Tensor, transition: np.ndarray | None, loss_bound: float | None
+) -> tuple[float, float, str]:
+    """(L̂, C, kind) of the bound: forward-corrected loss when possible, else truncated CE."""
+    k = logits.shape[1]
+    if loss_bound is None and transition is not None and float(transition.min()) > 0:
+        probs = torch.softmax(logits.double(), dim=1) @ torch.as_tensor(transition, dtype=torch.float64)
+        fwd = -torch.log(probs[torch.arange(len(labels)), labels])
+        return float(fwd.mean()), -math.log(float(transition.min())), "fwd"
+    cap = loss_bound if loss_bound is not None else 2.0 * math.log(k)
+    ce = per_sample_ce(logits.double(), labels).clamp(max=cap)
+    return float(ce.mean()), cap, "trunc"
+
+
+def _subset(n: int, cap: int, seed: int) -> torch.Tensor:
+    if n <= cap:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, device: torch.device, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(size), y.split(size), strict=True)]
+
+
+def measure_model(
+    model: nn.Module,
+    reference: dict[str, torch.Tensor],
+    data: TaskData,
+    cfg: RunConfig,
+    *,
+    transition: np.ndarray | None,
+) -> dict[str, float]:
+    """All end-of-trial measures as flat metrics (``measure``, ``bound``, ``h/<layer>``, ...)."""
+    from trainables.hessian import hessian_trace, layer_curvatures, top_eigenvalue
+
+    mc = cfg.measure
+    device = next(model.parameters()).device
+    train = data.train
+    n = len(train)
+    tic = time.perf_counter()
+    idx = _subset(n, mc.samples, cfg.seed)
+    batches = _batches(train.x[idx], train.labels[idx], device)
+    h_max = layer_curvatures(model, per_sample_ce, batches, reference, reduce="max")
+    h_mean = layer_curvatures(model, per_sample_ce, batches, reference, reduce="mean")
+    out: dict[str, float] = {
+        "measure": sum(math.sqrt(v) for v in h_max.values()) / math.sqrt(n),
+        "measure_mean": sum(math.sqrt(max(v, 0.0)) for v in h_mean.values()) / math.sqrt(n),
+        "measure_samples": float(len(idx)),
+        "measure_s": time.perf_counter() - tic,
+    }
+    out.update({f"h/{name}": value for name, value in h_max.items()})
+    loss_hat, c, kind = bound_terms(predict(model, train.x), train.labels, transition, mc.loss_bound)
+    out.update({"bound": loss_hat + math.sqrt(c) * out["measure"], "bound_loss": loss_hat, "bound_C": c,
+                "bound_fwd": 1.0 if kind == "fwd" else 0.0})
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if mc.trace:
+        tic = time.perf_counter()
+        out["trace"], out["trace_se"] = hessian_trace(model, per_sample_ce, batches, generator=gen)
+        out["trace_s"] = time.perf_counter() - tic
+    if mc.eigenvalue:
+        tic = time.perf_counter()
+        eig_idx = idx[: mc.eigen_samples]
+        eig_batches = _batches(train.x[eig_idx], train.labels[eig_idx], device, size=128)
+        out["lambda_max"] = top_eigenvalue(model, per_sample_ce, eig_batches, generator=gen)
+        out["lambda_max_s"] = time.perf_counter() - tic
+    return out

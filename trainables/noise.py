@@ -1,0 +1,97 @@
+"""Synthetic label noise with a known (or measured) transition matrix, SPEC §3.5.
+
+Every function takes a ``numpy.random.Generator`` and returns new labels; the clean labels are
+never modified, so the noise mask (``noisy != clean``) is always available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from trainables.config import ConfigError, NoiseConfig
+
+__all__ = ["apply_noise", "empirical_transition", "pair_transition", "symmetric_transition"]
+
+
+def symmetric_transition(num_classes: int, rate: float) -> np.ndarray:
+    """F with diagonal 1 − r and off-diagonal r/(K−1): P(noisy = k | clean = j)."""
+    off = rate / (num_classes - 1)
+    return np.full((num_classes, num_classes), off) + np.eye(num_classes) * (1.0 - rate - off)
+
+
+def pair_transition(num_classes: int, rate: float) -> np.ndarray:
+    """F for pair noise: class c goes to c+1 (mod K) with probability r."""
+    eye = np.eye(num_classes)
+    return eye * (1.0 - rate) + np.roll(eye, 1, axis=1) * rate
+
+
+def empirical_transition(clean: np.ndarray, noisy: np.ndarray, num_classes: int) -> np.ndarray:
+    """Row-normalised counts of (clean → noisy); rows without samples stay the identity."""
+    counts = np.zeros((num_classes, num_classes))
+    np.add.at(counts, (clean, noisy), 1.0)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.where(totals > 0, counts / np.maximum(totals, 1.0), np.eye(num_classes))
+
+
+def _flip_count(n: int, rate: float) -> int:
+    return round(rate * n)
+
+
+def _symmetric(clean: np.ndarray, k: int, rate: float, rng: np.random.Generator, _s: object) -> np.ndarray:
+    noisy = clean.copy()
+    idx = rng.choice(len(clean), size=_flip_count(len(clean), rate), replace=False)
+    shift = rng.integers(1, k, size=len(idx))  # uniform over the K−1 other classes
+    noisy[idx] = (clean[idx] + shift) % k
+    return noisy
+
+
+def _pair(clean: np.ndarray, k: int, rate: float, rng: np.random.Generator, _s: object) -> np.ndarray:
+    noisy = clean.copy()
+    idx = rng.choice(len(clean), size=_flip_count(len(clean), rate), replace=False)
+    noisy[idx] = (clean[idx] + 1) % k
+    return noisy
+
+
+def _correlated(
+    clean: np.ndarray, k: int, rate: float, rng: np.random.Generator, scores: object
+) -> np.ndarray:
+    """Flip to a weak model's most probable wrong class, where that model is most confused.
+
+    ``scores`` are the weak model's class probabilities [n, K]. The ⌊r·n⌉ samples with the
+    highest wrong-class probability get that class, so errors follow model confusions
+    (REGSL's "correlated noise") while the realised rate matches the request.
+    """
+    if not isinstance(scores, np.ndarray) or scores.shape != (len(clean), k):
+        raise ConfigError("correlated noise needs weak-model probabilities for every sample")
+    wrong = scores.copy()
+    wrong[np.arange(len(clean)), clean] = -np.inf
+    best_wrong = wrong.argmax(axis=1)
+    confusion = wrong.max(axis=1) + 1e-9 * rng.random(len(clean))  # random tie-break
+    idx = np.argsort(-confusion)[: _flip_count(len(clean), rate)]
+    noisy = clean.copy()
+    noisy[idx] = best_wrong[idx]
+    return noisy
+
+
+_KINDS: dict[str, Callable[[np.ndarray, int, float, np.random.Generator, object], np.ndarray]] = {
+    "symmetric": _symmetric,
+    "pair": _pair,
+    "correlated": _correlated,
+}
+
+
+def apply_noise(
+    clean: np.ndarray,
+    num_classes: int,
+    noise: NoiseConfig,
+    rng: np.random.Generator,
+    weak_scores: np.ndarray | None = None,
+) -> np.ndarray:
+    """Noisy copy of ``clean`` drawn by the configured process (``none`` returns a copy)."""
+    if noise.kind == "none" or noise.rate == 0.0:
+        return clean.copy()
+    if noise.kind == "pair" and num_classes < 2:
+        raise ConfigError("pair noise needs at least 2 classes")
+    return _KINDS[noise.kind](clean, num_classes, noise.rate, rng, weak_scores)
