@@ -1,0 +1,59 @@
+"""The Ray Tune function trainable: a thin adapter around :func:`trainables.loop.fine_tune`.
+
+It turns the flat trial config into a :class:`RunConfig` once, resumes from the trial's last
+checkpoint when Ray restarts it, and reports once per epoch (``ray.tune.report``, never
+``ray.train.report``, which raises inside Tune in Ray 2.60) with a checkpoint. Ray is imported
+inside the function only, so importing :mod:`trainables` starts nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainables.config import RunConfig
+from trainables.loop import fine_tune
+
+__all__ = ["OBJECTIVE_KEY", "STATE_FILE", "run_trial"]
+
+OBJECTIVE_KEY = "objective"
+STATE_FILE = "state.pt"
+
+
+def _load_checkpoint() -> dict[str, Any] | None:
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _fault_injection(epoch: int) -> None:
+    """Test hook: ``HESSTUNE_FAULT=raise@E`` fails at epoch E (used by the fault-tolerance tests)."""
+    fault = os.environ.get("HESSTUNE_FAULT", "")
+    if fault == f"raise@{epoch}":
+        raise RuntimeError(f"injected fault at epoch {epoch}")
+
+
+def run_trial(config: dict[str, Any], *, objective: str = "bound", cpus: float = 1.0) -> None:
+    """Ray Tune function trainable for one fine-tuning trial."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = RunConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
+    resume = _load_checkpoint()
+    for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):
+        _fault_injection(result.epoch)
+        metrics = dict(result.metrics)
+        metrics[OBJECTIVE_KEY] = float(metrics.get(objective, math.nan))
+        metrics["final"] = 1.0 if result.final else 0.0
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(result.state(), Path(folder) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))

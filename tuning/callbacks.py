@@ -1,0 +1,140 @@
+"""Driver-side Ray Tune callbacks: MLflow tracking and a one-line-per-trial progress display."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from tuning import selection
+from tuning.tracking import client, finish_orphans, log_metrics, open_child
+
+__all__ = ["ProgressCallback", "TrackingCallback"]
+
+# Ray's bookkeeping keys are not trial metrics.
+_RAY_KEYS = {
+    "timestamp", "done", "training_iteration", "trial_id", "date", "pid", "hostname", "node_ip",
+    "time_since_restore", "iterations_since_restore", "time_this_iter_s", "checkpoint_dir_name",
+    "should_checkpoint", "config",
+}
+
+
+def _metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if k not in _RAY_KEYS and isinstance(v, int | float)}
+
+
+class TrackingCallback(Callback):
+    """One MLflow child run per trial under the sweep's parent run; live sweep statistics.
+
+    Child runs are found by their trial-id tag, so a restored or retried trial reopens its run.
+    After each finished trial the parent run gets the correlation and regret statistics of
+    :func:`tuning.selection.summary` over all finished trials (step = number finished).
+    """
+
+    def __init__(self, uri: str, exp_id: str, parent_id: str, *, objective: str, sweep: str) -> None:
+        self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
+        self.objective, self.sweep = objective, sweep
+        self.children: dict[str, str] = {}
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def mc(self) -> Any:
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def _child(self, trial: Any) -> str:
+        if trial.trial_id not in self.children:
+            params = {k: v for k, v in trial.config.items() if not str(k).startswith("_")}
+            self.children[trial.trial_id] = open_child(self.mc, self.exp_id, self.parent_id, trial.trial_id,
+                                                       f"{self.sweep}-{trial.trial_id}", params)
+        return self.children[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._child(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        metrics = _metrics(result)
+        log_metrics(self.mc, self._child(trial), metrics, step=int(metrics.get("epoch", 0)))
+        if metrics.get("final"):
+            self.mc.set_tag(self._child(trial), "hesstune.final", "1")
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run_id = self._child(trial)
+        last = trial.last_result or {}
+        self.mc.set_terminated(run_id, status="FINISHED" if last.get("final") else "KILLED")
+        self.update_summary()
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        run_id = self._child(trial)
+        self.mc.set_tag(run_id, "hesstune.error", _error_text(trial))
+        self.mc.set_terminated(run_id, status="FAILED")
+
+    # -- sweep level ----------------------------------------------------------------------------
+    def update_summary(self) -> dict[str, float]:
+        from tuning.report import finished_trials
+
+        table = finished_trials(self.uri, self.exp_id, self.parent_id)
+        if table.empty:
+            return {}
+        stats = selection.summary(table)
+        log_metrics(self.mc, self.parent_id, stats, step=len(table))
+        return stats
+
+    def finish(self, *, wall_s: float) -> dict[str, float]:
+        """Close orphans, log the final statistics and artifacts, end the parent run."""
+        from tuning.report import finished_trials, write_artifacts
+
+        finish_orphans(self.mc, self.exp_id, self.parent_id, status="KILLED")
+        stats = self.update_summary()
+        log_metrics(self.mc, self.parent_id, {"sweep_wall_s": wall_s}, step=0)
+        table = finished_trials(self.uri, self.exp_id, self.parent_id)
+        if not table.empty:
+            with tempfile.TemporaryDirectory() as folder:
+                write_artifacts(table, Path(folder), criterion=self.objective)
+                self.mc.log_artifacts(self.parent_id, folder)
+        self.mc.set_terminated(self.parent_id, status="FINISHED")
+        return stats
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None) or getattr(getattr(trial, "run_metadata", None), "error_filename", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "trial failed")[:4000]
+
+
+class ProgressCallback(Callback):
+    """Prints one line when a trial finishes or fails: ``[3/16] trial … bound 0.91 …``."""
+
+    def __init__(self, total: int, metric: str, *, log: Callable[[str], None] = print) -> None:
+        self.total, self.metric, self.log = total, metric, log
+        self.done = 0
+        self.started = time.time()
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        parts = [f"{k} {r[k]:.4g}" for k in (self.metric, "measure", "val_acc", "test_acc", "gap") if _finite(r.get(k))]
+        state = "" if r.get("final") else " (stopped early)"
+        self.log(f"[{self.done}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
+                 f"({time.time() - self.started:.0f} s elapsed)")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.done += 1
+        self.log(f"[{self.done}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)

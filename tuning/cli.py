@@ -1,0 +1,331 @@
+"""``hesstune``: sweep, report, export, train, server.
+
+Every command validates its input first; a problem is one line on stderr naming the value and
+the fix, exit status 2, and nothing is started or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trainables.config import ConfigError, RunConfig, load_config
+
+__all__ = ["main"]
+
+DEFAULT_OUTPUT = "hesstune_runs"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+# -- shared options ----------------------------------------------------------------------------
+def _parse_noise(text: str) -> dict[str, Any]:
+    if text == "none":
+        return {"task.noise.kind": "none", "task.noise.rate": 0.0}
+    kind, _, rate = text.partition(":")
+    if kind not in ("symmetric", "pair", "correlated") or not rate:
+        raise UsageError(f"--noise {text!r}: use none, symmetric:R, pair:R or correlated:R (R in [0, 1))")
+    try:
+        value = float(rate)
+    except ValueError:
+        raise UsageError(f"--noise {text!r}: the rate {rate!r} is not a number") from None
+    return {"task.noise.kind": kind, "task.noise.rate": value}
+
+
+def _task_name(text: str) -> str:
+    kind, sep, path = text.partition(":")
+    return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path else text
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    if getattr(args, "task", None):
+        flat["task.name"] = _task_name(args.task)
+    if getattr(args, "model", None):
+        flat["model.name"] = args.model
+    if getattr(args, "pretrained", None):
+        flat["model.pretrained"] = args.pretrained
+    if getattr(args, "noise", None):
+        flat.update(_parse_noise(args.noise))
+    for key in ("epochs", "seed"):
+        if getattr(args, key, None) is not None:
+            flat[key] = getattr(args, key)
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: use KEY=VALUE, e.g. --set optim.lr=3e-4")
+        import yaml
+
+        flat[key] = yaml.safe_load(value)
+    return flat
+
+
+def _base_config(args: argparse.Namespace) -> RunConfig:
+    base = load_config(args.config) if getattr(args, "config", None) else RunConfig()
+    cfg = base.replace(**_overrides(args))
+    from trainables.data import parse_task_name
+
+    parse_task_name(cfg.task.name)
+    kind, _, path = cfg.task.name.partition(":")
+    if path and not Path(path).is_dir():
+        raise ConfigError(f"task folder {path!r} does not exist: give an existing local folder")
+    return cfg
+
+
+def _output(args: argparse.Namespace) -> Path:
+    return Path(args.output).expanduser().resolve()
+
+
+def _tracking_uri(args: argparse.Namespace, output: Path) -> str:
+    from tuning.tracking import default_tracking_uri, validate_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(output)
+    return validate_tracking_uri(uri, multi_node=bool(getattr(args, "address", None)))
+
+
+# -- train ---------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainables.loop import fine_tune
+    from trainables.models import save_weights
+
+    cfg = _base_config(args)
+    out = _output(args) if args.output else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"--output {str(out)!r} is a file: give a folder")
+    print(f"hesstune train: task {cfg.task.name}, model {cfg.model.name} ({cfg.model.pretrained}), "
+          f"{cfg.epochs} epochs, regularizers: {_enabled(cfg) or 'none'}", flush=True)
+    epochs: list[dict[str, float]] = []
+    result = None
+    for result in fine_tune(cfg, log=lambda msg: print(msg, flush=True)):
+        epochs.append(result.metrics)
+        m = result.metrics
+        print(f"epoch {result.epoch:3d}/{cfg.epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.3f}  "
+              f"val_acc {m.get('val_acc', math.nan):.3f}  test_acc {m['test_acc']:.3f}  ({m['epoch_s']:.2f} s)", flush=True)
+    assert result is not None
+    final = result.metrics
+    print(_final_table(final))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        (out / "metrics.json").write_text(json.dumps({"final": final, "epochs": epochs}, indent=1))
+        save_weights(result.state()["model"], out / "weights.safetensors")
+        print(f"wrote {out / 'metrics.json'}, {out / 'weights.safetensors'}, {out / 'config.yaml'}")
+    return 0
+
+
+def _enabled(cfg: RunConfig) -> str:
+    return ", ".join(n for n in ("constraint", "self_label", "consistent", "nso", "sam") if getattr(cfg, n).enabled)
+
+
+FINAL_KEYS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "gap", "gap_clean", "memorized",
+              "measure", "bound", "bound_C", "trace", "trace_se", "lambda_max", "distance",
+              "backward_passes_per_step", "measure_s")
+
+
+def _final_table(m: dict[str, float]) -> str:
+    rows = [f"  {k:<26} {m[k]:.6g}" for k in FINAL_KEYS if k in m]
+    return "final metrics:\n" + "\n".join(rows)
+
+
+# -- sweep ---------------------------------------------------------------------------------------
+def _sweep_options(args: argparse.Namespace) -> Any:
+    from tuning.sweep import SweepOptions
+
+    output = _output(args)
+    base = _base_config(args)
+    space = args.space or "full"
+    name = args.name or f"{base.task.name.split(':')[0]}-{space.replace('/', '_').removesuffix('.yaml')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return SweepOptions(
+        name=name, space=space, base=base, trials=args.trials, concurrency=args.concurrency,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler,
+        objective=args.objective, tracking_uri=_tracking_uri(args, output), output=output, seed=args.seed or 0,
+        address=args.address, max_failures=args.max_failures,
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tuning.sweep import load_sweep, run_sweep, validate_options
+
+    if args.resume:
+        opts = load_sweep(_output(args), args.resume)
+        resume = True
+    else:
+        opts = _sweep_options(args)
+        resume = False
+    validate_options(opts, resume=resume)
+    outcome = run_sweep(opts, resume=resume)
+    print()
+    _print_report(opts.tracking_uri, outcome["experiment_id"], outcome["parent_run_id"], opts.objective)
+    print(f"\nsweep wall time {outcome['wall_s']:.0f} s; {outcome['errors']} trial(s) failed")
+    _where_to_look(opts.tracking_uri, opts.name, outcome["experiment_id"], opts.output)
+    return 0
+
+
+def _print_report(uri: str, exp_id: str, parent_id: str, criterion: str, top: int = 10) -> None:
+    from tuning.report import finished_trials, format_report
+
+    table = finished_trials(uri, exp_id, parent_id)
+    if table.empty:
+        print("no trial finished: nothing to rank")
+        return
+    print(format_report(table, criterion, top=top))
+
+
+def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else f"open {uri}"
+    print(f"compare the runs in MLflow:  {ui}  (experiment {name!r}, id {exp_id}: #/experiments/{exp_id}/runs)")
+    print(f"report again:  hesstune report {name} --output {output}")
+    print(f"best configs:  hesstune export {name} --top 3 -o best/ --output {output}")
+
+
+# -- report / export --------------------------------------------------------------------------------
+def _sweep_record(args: argparse.Namespace) -> tuple[str, str, str, str]:
+    from tuning.sweep import load_sweep
+
+    opts = load_sweep(_output(args), args.name)
+    uri = _tracking_uri(args, opts.output) if args.tracking_uri else opts.tracking_uri
+    extra = opts.extra
+    return uri, extra["experiment_id"], extra["parent_run_id"], args.criterion or opts.objective
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    uri, exp_id, parent_id, criterion = _sweep_record(args)
+    _check_criterion(criterion)
+    _print_report(uri, exp_id, parent_id, criterion, top=args.top)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuning.report import export_configs, finished_trials
+
+    if args.top < 1:
+        raise UsageError(f"--top {args.top} must be ≥ 1")
+    uri, exp_id, parent_id, criterion = _sweep_record(args)
+    _check_criterion(criterion, for_selection=True)
+    table = finished_trials(uri, exp_id, parent_id)
+    if table.empty:
+        raise UsageError(f"sweep {args.name!r} has no finished trial to export")
+    for path in export_configs(table, criterion, args.top, Path(args.o).expanduser().resolve(), refit=args.refit):
+        print(f"wrote {path}  (replay: hesstune train --config {path})")
+    return 0
+
+
+def _check_criterion(name: str, *, for_selection: bool = False) -> None:
+    from tuning import selection
+
+    crit = selection.get_criterion(name)
+    if for_selection and crit.evaluation_only:
+        raise UsageError(f"--criterion {name} uses clean test labels: it is for evaluation, not for exporting a choice")
+
+
+# -- server --------------------------------------------------------------------------------------------
+def cmd_server(args: argparse.Namespace) -> int:
+    """Start a real MLflow tracking server (sqlite backend, local artifact root)."""
+    out = _output(args)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
+           "--backend-store-uri", f"sqlite:///{out / 'mlflow-server.db'}",
+           "--artifacts-destination", str(out / "mlartifacts"), "--workers", str(args.workers)]
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(f"warning: binding to {args.host}: the tracking server has no authentication", file=sys.stderr)
+    print("starting:", " ".join(cmd), flush=True)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="base run config (YAML); flags override it")
+    p.add_argument("--task", help="digits (built-in), imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+    p.add_argument("--model", help="timm architecture name (default test_resnet)")
+    p.add_argument("--pretrained", help="source (digits), timm (local cache), none, or file:PATH")
+    p.add_argument("--noise", help="label noise: none, symmetric:R, pair:R or correlated:R")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tuning import selection
+
+    parser = argparse.ArgumentParser(prog="hesstune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sweep", help="search hyperparameters with Ray Tune + Optuna, tracked in MLflow")
+    _add_run_options(s)
+    s.add_argument("--space", help="preset (regsl, robust, nso, full, groups, baseline, smoke) or a YAML file; default full")
+    s.add_argument("--trials", type=int, default=16)
+    s.add_argument("--concurrency", type=int, default=0, help="trials at once (0: as many as the resources allow)")
+    s.add_argument("--cpus-per-trial", type=float, default=1.0)
+    s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack several trials on one GPU")
+    s.add_argument("--scheduler", default="fifo", help="fifo or asha")
+    s.add_argument("--objective", default=selection.DEFAULT_CRITERION,
+                   help=f"what Optuna optimises and what selects: {', '.join(selection.list_criteria())} (oracle excluded)")
+    s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
+    s.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for Ray results and the default MLflow store")
+    s.add_argument("--name", help="sweep name (= MLflow experiment); default <task>-<space>-<time>")
+    s.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: a local Ray")
+    s.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
+    s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint")
+    s.set_defaults(func=cmd_sweep)
+
+    for cmd, helptext in (("report", "leaderboard and correlation table of a sweep"),
+                          ("export", "write the best trials' configs as replayable YAML files")):
+        p = sub.add_parser(cmd, help=helptext)
+        p.add_argument("name")
+        p.add_argument("--output", default=DEFAULT_OUTPUT)
+        p.add_argument("--tracking-uri")
+        p.add_argument("--criterion", help="ranking criterion (default: the sweep's objective)")
+        p.add_argument("--top", type=int, default=10 if cmd == "report" else 1)
+        if cmd == "export":
+            p.add_argument("-o", required=True, metavar="DIR", help="folder for 1.yaml, 2.yaml, …")
+            p.add_argument("--refit", action="store_true", help="train the chosen configs on train ∪ val")
+        p.set_defaults(func=cmd_report if cmd == "report" else cmd_export)
+
+    t = sub.add_parser("train", help="one fine-tuning run outside Ray, same metrics")
+    _add_run_options(t)
+    t.add_argument("--output", help="folder for metrics.json, weights.safetensors and config.yaml")
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("server", help="start an MLflow tracking server (sqlite + artifact root)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=5000)
+    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--output", default=DEFAULT_OUTPUT)
+    v.set_defaults(func=cmd_server)
+    return parser
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from search_spaces import SpaceError
+    from tuning.sweep import SweepError
+    from tuning.tracking import TrackingError
+
+    return (ConfigError, UsageError, SpaceError, SweepError, TrackingError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _errors() as exc:
+        print(f"hesstune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hesstune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Sweep results read back from MLflow: leaderboard, correlation table, plots, exported configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from trainables.config import RunConfig
+from tuning import selection
+from tuning.tracking import TRIAL_TAG, child_runs
+
+__all__ = ["config_from_params", "export_configs", "finished_trials", "format_report", "write_artifacts"]
+
+
+def _parse_param(text: str) -> Any:
+    if text == "None":
+        return None
+    return yaml.safe_load(text)
+
+
+def config_from_params(params: dict[str, str]) -> RunConfig:
+    """Rebuild a trial's typed config from its MLflow params (the complete flat config)."""
+    flat = {k: _parse_param(v) for k, v in params.items() if isinstance(v, str)}
+    scales = flat.get("constraint.group_scales")
+    if isinstance(scales, list):
+        flat["constraint.group_scales"] = [float(s) for s in scales]
+    return RunConfig.from_flat(flat)
+
+
+def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
+    """One row per trial that finished its whole budget: ``trial_id``, final metrics, ``params``."""
+    runs = child_runs(uri, exp_id, parent_id)
+    if runs.empty:
+        return pd.DataFrame(columns=["trial_id"])
+    runs = runs[(runs["status"] == "FINISHED") & (runs.get("tags.hesstune.final") == "1")]
+    metrics = {c: c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")}
+    table = runs[list(metrics)].rename(columns=metrics).reset_index(drop=True)
+    table.insert(0, "trial_id", runs[f"tags.{TRIAL_TAG}"].to_numpy())
+    table.insert(1, "run_id", runs["run_id"].to_numpy())
+    param_cols = [c for c in runs.columns if c.startswith("params.")]
+    table["params"] = [
+        {c.removeprefix("params."): v for c, v in row.items() if isinstance(v, str)}
+        for row in runs[param_cols].to_dict("records")
+    ]
+    return table
+
+
+CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
+
+
+def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
+    """The leaderboard and the correlation table as text."""
+    board = selection.leaderboard(table, criterion).head(top)
+    cols = [c for c in ("rank", "trial_id", criterion if criterion in board else "", "bound", "measure",
+                        "val_acc", "test_acc", "gap", "train_acc") if c and c in board]
+    lines = [f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation):",
+             board[list(dict.fromkeys(cols))].to_string(index=False, float_format=lambda x: f"{x:.4f}"), ""]
+    measures = [m for m in CORRELATION_MEASURES if m in table]
+    if measures and "gap" in table:
+        corr = selection.correlations(table, measures=tuple(measures), target="gap")
+        lines += ["Correlation with the true test gap (noisy-test loss − train loss):",
+                  corr.to_string(float_format=lambda x: f"{x:.3f}"), ""]
+    regrets = {c: selection.regret(table, c) for c in ("bound", "measure", "val_acc") if _has(table, c)}
+    if regrets:
+        lines.append("Selection regret (oracle-best clean test acc − picked trial's): " +
+                     ", ".join(f"{c} {v:.4f}" for c, v in regrets.items()))
+    if _has(table, "val_acc") and _has(table, "bound"):
+        lines.append(f"Ranking agreement, Kendall τ(bound, val_acc): {selection.ranking_agreement(table, 'bound', 'val_acc'):.3f}")
+    return "\n".join(lines)
+
+
+def _has(table: pd.DataFrame, criterion: str) -> bool:
+    metric = selection.get_criterion(criterion).metric
+    return metric in table and bool(np.isfinite(pd.to_numeric(table[metric], errors="coerce")).any())
+
+
+def export_configs(table: pd.DataFrame, criterion: str, top: int, folder: Path, *, refit: bool = False) -> list[Path]:
+    """Write the ``top`` trials by ``criterion`` as replayable YAML configs ``1.yaml``, ``2.yaml``…
+
+    ``refit`` trains the chosen config on train ∪ validation (``task.merge_val``): the final fit
+    that delivered the best clean accuracy in the feasibility study.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id = {row["trial_id"]: row for _, row in table.iterrows()}
+    paths = []
+    for rank, trial_id in enumerate(selection.rank(table, criterion)[:top], start=1):
+        cfg = config_from_params(by_id[trial_id]["params"])
+        if refit:
+            cfg = cfg.replace(**{"task.merge_val": True})
+        header = f"# hesstune export: rank {rank} by {criterion}, trial {trial_id}" + (" (refit on train ∪ val)" if refit else "")
+        path = folder / f"{rank}.yaml"
+        path.write_text(header + "\n" + cfg.to_yaml())
+        paths.append(path)
+    return paths
+
+
+def write_artifacts(table: pd.DataFrame, folder: Path, *, criterion: str) -> None:
+    """Leaderboard CSV, measure-vs-gap scatter, per-layer distance plot and the best configs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    selection.leaderboard(table, criterion).to_csv(folder / "leaderboard.csv", index=False)
+    table.drop(columns=["params"]).to_csv(folder / "trials.csv", index=False)
+    _scatter(table, folder / "measure_vs_gap.png")
+    _distances(table, folder / "layer_distances.png")
+    export_configs(table, criterion, top=3, folder=folder / "best_configs")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scatter(table: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    names = [m for m in ("measure", "bound") if m in table and "gap" in table]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=False):
+        ax.scatter(table[name], table["gap"], c=table.get("test_acc"), cmap="viridis")
+        tau = selection.kendall_tau(table[name].to_numpy(float), table["gap"].to_numpy(float))
+        ax.set(xlabel=name, ylabel="true test gap", title=f"{name} vs gap (Kendall τ {tau:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _distances(table: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    cols = sorted(c for c in table if c.startswith("dist/"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for _, row in table.iterrows():
+        ax.plot(range(len(cols)), row[cols].to_numpy(float), alpha=0.4, marker="o")
+    ax.set_xticks(range(len(cols)), [c.removeprefix("dist/") for c in cols])
+    ax.set(xlabel="depth group", ylabel="‖W − W0‖_F", title="fine-tuned distance per layer group, one line per trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+"""Optuna search for Ray Tune that tells early-stopped trials apart from complete ones.
+
+Ray's ``OptunaSearch`` tells Optuna COMPLETE with the low-rung value when ASHA stops a trial, so
+TPE mixes 1-epoch and full-budget scores as if they were equal (research/system.md §1.3). Here a
+trial whose last result is before the final epoch is told PRUNED; its intermediate values were
+already reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+__all__ = ["FidelityAwareOptunaSearch"]
+
+log = logging.getLogger(__name__)
+
+
+class FidelityAwareOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        stopped_early = result is not None and not error and result.get("epoch", self._max_epochs) < self._max_epochs
+        if not stopped_early or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        except Exception as exc:  # the study refuses a second tell; never crash the driver for it
+            log.warning("could not tell Optuna that trial %s was pruned: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)

@@ -1,0 +1,242 @@
+"""Launch (or resume) a sweep: Ray Tune trials, an Optuna searcher, MLflow tracking (SPEC §8).
+
+The driver validates everything first, pretrains/caches the source model once, creates the
+MLflow experiment and parent run, then runs the trials with :func:`trainables.trainable.run_trial`.
+Sweep metadata lives in ``<output>/ray_results/<name>/hesstune_sweep.json`` so that
+``--resume NAME``, ``report`` and ``export`` need nothing but the name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search_spaces import SearchSpace, load_space
+from trainables.config import RunConfig
+from tuning import selection
+from tuning.tracking import default_tracking_uri, ensure_parent_run, validate_tracking_uri
+
+__all__ = ["SweepError", "SweepOptions", "SweepPaths", "load_sweep", "run_sweep"]
+
+META_FILE = "hesstune_sweep.json"
+
+
+class SweepError(ValueError):
+    """A sweep cannot start as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    name: str
+    space: str
+    base: RunConfig
+    trials: int = 16
+    concurrency: int = 0  # 0: as many as the resources allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    scheduler: str = "fifo"
+    objective: str = selection.DEFAULT_CRITERION
+    tracking_uri: str = ""
+    output: Path = Path("hesstune_runs")
+    seed: int = 0
+    address: str | None = None
+    max_failures: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["base"] = self.base.to_dict()
+        data["output"] = str(self.output)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SweepOptions:
+        data = dict(data)
+        data["base"] = RunConfig.from_dict(data["base"])
+        data["output"] = Path(data["output"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    output: Path
+    name: str
+
+    @property
+    def storage(self) -> Path:
+        return self.output / "ray_results"
+
+    @property
+    def experiment(self) -> Path:
+        return self.storage / self.name
+
+    @property
+    def meta(self) -> Path:
+        return self.experiment / META_FILE
+
+
+def objective_metric(objective: str) -> tuple[str, str]:
+    """(metric, mode) of a selection criterion usable as the search objective."""
+    try:
+        crit = selection.get_criterion(objective)
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
+    if crit.evaluation_only:
+        raise SweepError(f"--objective {objective} uses the clean test labels (evaluation only): use bound, measure or val_acc")
+    return crit.metric, crit.direction
+
+
+def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace:
+    """Every check that can fail, before anything is started or written."""
+    if opts.trials < 1:
+        raise SweepError(f"--trials {opts.trials} must be ≥ 1")
+    if opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
+        raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial ≥ 0")
+    if opts.concurrency < 0:
+        raise SweepError(f"--concurrency {opts.concurrency} must be ≥ 0 (0: as many as fit)")
+    if opts.scheduler not in ("fifo", "asha"):
+        raise SweepError(f"--scheduler {opts.scheduler!r} is unknown: use fifo or asha")
+    if opts.max_failures < 0:
+        raise SweepError(f"--max-failures {opts.max_failures} must be ≥ 0")
+    objective_metric(opts.objective)
+    validate_tracking_uri(opts.tracking_uri, multi_node=opts.address not in (None, "", "local"))
+    space = load_space(opts.space)
+    space.check(opts.base)
+    paths = SweepPaths(opts.output, opts.name)
+    if not resume and paths.experiment.exists():
+        raise SweepError(f"sweep {opts.name!r} already exists in {paths.storage}: use --resume {opts.name} or another --name")
+    return space
+
+
+def load_sweep(output: Path, name: str) -> SweepOptions:
+    meta = SweepPaths(output, name).meta
+    if not meta.is_file():
+        raise SweepError(f"no sweep named {name!r} in {output.resolve() / 'ray_results'}: check --name/--output")
+    return SweepOptions.from_json(json.loads(meta.read_text()))
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+def _init_ray(opts: SweepOptions) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if not opts.address else os.environ.get("RAY_AUTH_MODE", "disabled"))
+    env = {
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    for key in ("HESSTUNE_CACHE", "HESSTUNE_FAULT", "HF_HOME"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "logging_level": "ERROR"}
+    if opts.address:
+        ray.init(address=opts.address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+
+
+def _searcher(space: SearchSpace, opts: SweepOptions, mode: str) -> Any:
+    from tuning.search import FidelityAwareOptunaSearch
+
+    return FidelityAwareOptunaSearch(
+        space=space.bind(opts.base), metric="objective", mode=mode, seed=opts.seed,
+        max_epochs=space.epochs_for(opts.base),
+    )
+
+
+def _scheduler(opts: SweepOptions, epochs: int) -> Any:
+    if opts.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=3)
+
+
+def _base_for(opts: SweepOptions, metric: str) -> RunConfig:
+    """ASHA needs the objective every epoch: measure M and B every epoch when it is Hessian-based."""
+    if opts.scheduler == "asha" and metric in ("bound", "measure"):
+        return opts.base.replace(**{"measure.every": 1})
+    return opts.base
+
+
+def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: SweepPaths) -> Any:
+    from ray import tune
+
+    from trainables.trainable import run_trial
+
+    metric, mode = objective_metric(opts.objective)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, objective=metric, cpus=opts.cpus_per_trial),
+        {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+    )
+    if paths.experiment.exists() and tune.Tuner.can_restore(str(paths.experiment)):
+        return tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    epochs = space.epochs_for(opts.base)
+    tune_config = tune.TuneConfig(
+        search_alg=_searcher(space, opts, mode), scheduler=_scheduler(opts, epochs), metric="objective",
+        mode=mode, num_samples=opts.trials, max_concurrent_trials=opts.concurrency or None, reuse_actors=True,
+    )
+    run_config = tune.RunConfig(
+        name=opts.name, storage_path=str(paths.storage), verbose=0, callbacks=callbacks,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the sweep to completion; returns where its results are."""
+    from tuning.callbacks import ProgressCallback, TrackingCallback
+
+    space = validate_options(opts, resume=resume)
+    paths = SweepPaths(opts.output.resolve(), opts.name)
+    metric, _ = objective_metric(opts.objective)
+    opts = SweepOptions(**{**opts.__dict__, "base": _base_for(opts, metric), "output": paths.output})
+    if opts.base.model.pretrained == "source":
+        from trainables.models import ensure_source_model
+
+        ensure_source_model(opts.base.model.name, opts.base.task.image_size, log=log)
+    exp_id, parent_id = ensure_parent_run(
+        opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space)
+    )
+    paths.experiment.mkdir(parents=True, exist_ok=True)
+    paths.meta.write_text(json.dumps({**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}, indent=1))
+    _init_ray(opts)
+    tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, objective=opts.objective, sweep=opts.name)
+    progress = ProgressCallback(opts.trials, metric, log=log)
+    tic = time.perf_counter()
+    log(f"sweep {opts.name}: {opts.trials} trials of space {space.name!r}, objective {opts.objective}, "
+        f"results in {paths.experiment}")
+    # A restored tuner brings back its own (pickled) callbacks; ``finish`` reads MLflow, so any
+    # instance of the tracker can close the sweep.
+    results = _tuner(opts, space, [tracker, progress], paths).fit()
+    tracker.finish(wall_s=time.perf_counter() - tic)
+    return {"experiment_id": exp_id, "parent_run_id": parent_id, "results": results, "paths": paths,
+            "wall_s": time.perf_counter() - tic, "errors": len(results.errors)}
+
+
+def _sweep_tags(opts: SweepOptions) -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+
+    return {"hesstune.space": opts.space, "hesstune.objective": opts.objective, "versions.ray": ray.__version__,
+            "versions.optuna": optuna.__version__, "versions.torch": torch.__version__,
+            "sampler": f"TPESampler(seed={opts.seed})"}
+
+
+def _sweep_params(opts: SweepOptions, space: SearchSpace) -> dict[str, Any]:
+    params = {f"base.{k}": v for k, v in opts.base.to_flat().items()}
+    params.update({"space": space.name, "trials": opts.trials, "objective": opts.objective,
+                   "scheduler": opts.scheduler, "seed": opts.seed, "concurrency": opts.concurrency,
+                   "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial})
+    return params
+

@@ -1,0 +1,161 @@
+"""MLflow tracking: one parent run per sweep, one child run per trial (SPEC §6).
+
+All writes happen on the driver (a Ray Tune callback), so there is one writer per run and no
+experiment-creation race between trials. Child runs are found again by their ``trial_id`` tag,
+so a resumed or retried trial reopens its run instead of creating a second one, and every run
+ends with its true status (FINISHED / FAILED / KILLED); none is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+__all__ = [
+    "TrackingError",
+    "child_runs",
+    "default_tracking_uri",
+    "ensure_parent_run",
+    "finish_orphans",
+    "log_metrics",
+    "validate_tracking_uri",
+]
+
+SWEEP_TAG = "hesstune.sweep"
+TRIAL_TAG = "hesstune.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(ValueError):
+    """A tracking URI or store problem, with the fix in the message."""
+
+
+def default_tracking_uri(output: Path) -> str:
+    return f"sqlite:///{output.resolve() / 'mlflow.db'}"
+
+
+def validate_tracking_uri(uri: str, *, multi_node: bool = False) -> str:
+    """Accept ``sqlite:////abs/path.db`` (single machine) and ``http(s)://host:port``."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise TrackingError(f"tracking URI {uri!r} has no host: use http://HOST:PORT")
+        return uri
+    if parsed.scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        if not path.startswith("/"):
+            raise TrackingError(
+                f"tracking URI {uri!r} is relative: each Ray worker would open its own file; "
+                "use sqlite:////absolute/path/mlflow.db"
+            )
+        if multi_node:
+            raise TrackingError(
+                f"tracking URI {uri!r} is a local sqlite file, unreachable from other nodes: "
+                "start `hesstune server` and pass --tracking-uri http://HEAD:5000"
+            )
+        return uri
+    if parsed.scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking URI {uri!r} is a file store, which MLflow ≥ 3.13 rejects: "
+            "use sqlite:////abs/path/mlflow.db or an http:// tracking server"
+        )
+    raise TrackingError(f"tracking URI {uri!r} has unsupported scheme {parsed.scheme!r}: use sqlite:// or http://")
+
+
+def client(uri: str) -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn: Any, *args: Any, attempts: int = 5, **kwargs: Any) -> Any:
+    """sqlite stores raise 'database is locked' under concurrent writers: back off and retry."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+    return None
+
+
+def ensure_parent_run(uri: str, sweep: str, *, tags: Mapping[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
+    """The sweep's experiment and parent run, created once; a resumed sweep reuses both."""
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(sweep)
+    exp_id = exp.experiment_id if exp else mc.create_experiment(sweep)
+    found = mc.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`hesstune.role` = 'parent'")
+    if found:
+        run_id = found[0].info.run_id
+        mc.update_run(run_id, status="RUNNING")
+        return exp_id, run_id
+    run = mc.create_run(exp_id, run_name=sweep, tags={**tags, SWEEP_TAG: sweep, "hesstune.role": "parent"})
+    _log_params(mc, run.info.run_id, params)
+    return exp_id, run.info.run_id
+
+
+def _log_params(mc: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        _retry(mc.log_batch, run_id, params=items[i : i + 100])
+
+
+def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """Log every finite numeric metric in one batch (NaN/inf and non-numbers are skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(_metric_key(k), float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for i in range(0, len(items), 500):
+        _retry(mc.log_batch, run_id, metrics=items[i : i + 500])
+
+
+def _metric_key(key: str) -> str:
+    return key.replace(":", "_")
+
+
+def find_child(mc: Any, exp_id: str, parent_id: str, trial_id: str) -> str | None:
+    runs = mc.search_runs(
+        [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def open_child(mc: Any, exp_id: str, parent_id: str, trial_id: str, name: str, params: Mapping[str, Any]) -> str:
+    """The trial's child run: reopened when it exists (resume/retry), created otherwise."""
+    run_id = find_child(mc, exp_id, parent_id, trial_id)
+    if run_id is not None:
+        _retry(mc.update_run, run_id, status="RUNNING")
+        return run_id
+    run = _retry(mc.create_run, exp_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id})
+    _log_params(mc, run.info.run_id, params)
+    return str(run.info.run_id)
+
+
+def child_runs(uri: str, exp_id: str, parent_id: str) -> Any:
+    """All child runs of a sweep as a pandas DataFrame (``metrics.*``, ``params.*``, ``tags.*``)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000)
+
+
+def finish_orphans(mc: Any, exp_id: str, parent_id: str, status: str = "KILLED") -> int:
+    """End any child still RUNNING (e.g. after the driver was killed); returns how many."""
+    runs = mc.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
+    for run in runs:
+        _retry(mc.set_terminated, run.info.run_id, status=status)
+    return len(runs)
