@@ -202,6 +202,7 @@ def _objective_losses(run: _Run, logits: torch.Tensor, labels: torch.Tensor) -> 
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+@torch.no_grad()
 def _distances(run: _Run) -> dict[str, float]:
     params = dict(run.model.named_parameters())
     ref = run.ctx.reference

@@ -24,6 +24,7 @@ from trainables.config import ConfigError, ModelConfig
 __all__ = [
     "LayerGroups",
     "cache_dir",
+    "check_model_name",
     "create_model",
     "ensure_source_model",
     "layer_groups",
@@ -39,13 +40,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HESSTUNE_CACHE", Path.home() / ".cache" / "hesstune")).expanduser()
 
 
-def _timm_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+def check_model_name(name: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is a timm architecture."""
     import timm
 
-    if name not in timm.list_models() and name not in timm.list_pretrained():
+    if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name[:4]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"unknown model {name!r}: use a timm architecture name{hint}")
+
+
+def _timm_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    import timm
+
+    check_model_name(name)
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
     except Exception as exc:  # timm/hub raise many types when weights are not cached

@@ -73,8 +73,10 @@ def _base_config(args: argparse.Namespace) -> RunConfig:
     base = load_config(args.config) if getattr(args, "config", None) else RunConfig()
     cfg = base.replace(**_overrides(args))
     from trainables.data import parse_task_name
+    from trainables.models import check_model_name
 
     parse_task_name(cfg.task.name)
+    check_model_name(cfg.model.name)
     kind, _, path = cfg.task.name.partition(":")
     if path and not Path(path).is_dir():
         raise ConfigError(f"task folder {path!r} does not exist: give an existing local folder")
