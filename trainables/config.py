@@ -262,10 +262,15 @@ class RunConfig:
     epochs: int = 10
     seed: int = 0
     device: str = "auto"
+    # CPU threads for torch (0: torch's default). Part of the config because float reductions
+    # depend on it: replaying an exported trial bit-for-bit needs the thread count it ran with.
+    threads: int = 0
 
     def validate(self) -> RunConfig:
         if self.epochs < 1:
             raise ConfigError(f"epochs={self.epochs} must be ≥ 1")
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be ≥ 0 (0: torch's default)")
         if self.nso.enabled and self.sam.enabled:
             raise ConfigError("nso and sam both change the gradient: enable one of them, not both")
         for f in dataclasses.fields(self):

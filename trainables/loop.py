@@ -94,6 +94,8 @@ def _scheduler(cfg: RunConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_sch
 
 def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run:
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size).to(device)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}

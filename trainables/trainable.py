@@ -42,11 +42,10 @@ def _fault_injection(epoch: int) -> None:
         raise RuntimeError(f"injected fault at epoch {epoch}")
 
 
-def run_trial(config: dict[str, Any], *, objective: str = "bound", cpus: float = 1.0) -> None:
-    """Ray Tune function trainable for one fine-tuning trial."""
+def run_trial(config: dict[str, Any], *, objective: str = "bound") -> None:
+    """Ray Tune function trainable for one fine-tuning trial (threads come from the config)."""
     from ray import tune
 
-    torch.set_num_threads(max(1, int(cpus)))
     cfg = RunConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
     resume = _load_checkpoint()
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):

@@ -126,7 +126,7 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.done += 1
         r = trial.last_result or {}
-        parts = [f"{k} {r[k]:.4g}" for k in (self.metric, "measure", "val_acc", "test_acc", "gap") if _finite(r.get(k))]
+        parts = [f"{k} {r[k]:.4g}" for k in dict.fromkeys((self.metric, "measure", "val_acc", "test_acc", "gap")) if _finite(r.get(k))]
         state = "" if r.get("final") else " (stopped early)"
         self.log(f"[{self.done}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
                  f"({time.time() - self.started:.0f} s elapsed)")

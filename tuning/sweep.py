@@ -161,10 +161,12 @@ def _scheduler(opts: SweepOptions, epochs: int) -> Any:
 
 
 def _base_for(opts: SweepOptions, metric: str) -> RunConfig:
-    """ASHA needs the objective every epoch: measure M and B every epoch when it is Hessian-based."""
+    """The trials' base config: torch threads = CPUs per trial (recorded, so exports replay
+    exactly); with ASHA and a Hessian objective, M and B are measured every epoch."""
+    base = opts.base.replace(threads=max(1, int(opts.cpus_per_trial)))
     if opts.scheduler == "asha" and metric in ("bound", "measure"):
-        return opts.base.replace(**{"measure.every": 1})
-    return opts.base
+        base = base.replace(**{"measure.every": 1})
+    return base
 
 
 def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: SweepPaths) -> Any:
@@ -174,7 +176,7 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
 
     metric, mode = objective_metric(opts.objective)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, objective=metric, cpus=opts.cpus_per_trial),
+        tune.with_parameters(run_trial, objective=metric),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if paths.experiment.exists() and tune.Tuner.can_restore(str(paths.experiment)):
@@ -204,6 +206,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         from trainables.models import ensure_source_model
 
         ensure_source_model(opts.base.model.name, opts.base.task.image_size, log=log)
+    paths.output.mkdir(parents=True, exist_ok=True)
     exp_id, parent_id = ensure_parent_run(
         opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space)
     )
@@ -228,6 +231,7 @@ def _sweep_tags(opts: SweepOptions) -> dict[str, str]:
     import ray
     import torch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return {"hesstune.space": opts.space, "hesstune.objective": opts.objective, "versions.ray": ray.__version__,
             "versions.optuna": optuna.__version__, "versions.torch": torch.__version__,
             "sampler": f"TPESampler(seed={opts.seed})"}

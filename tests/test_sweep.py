@@ -1,0 +1,167 @@
+"""End-to-end sweeps: real local Ray, real sqlite MLflow store, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuning import selection
+
+pytestmark = pytest.mark.slow
+
+SWEEP = "it4"
+
+
+def hesstune(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tuning.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = dict(os.environ)
+    env["HESSTUNE_CACHE"] = os.environ.get("HESSTUNE_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> dict[str, object]:
+    out = tmp_path_factory.mktemp("sweep")
+    proc = hesstune(
+        "sweep", "--space", "smoke", "--trials", "4", "--epochs", "2", "--output", str(out), "--name", SWEEP,
+        "--set", "measure.samples=96", "--set", "measure.eigen_samples=32", "--seed", "3", env=cli_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    import mlflow
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[SWEEP])
+    return {"out": out, "uri": uri, "runs": runs, "stdout": proc.stdout}
+
+
+def _children(sweep: dict[str, object]):  # type: ignore[no-untyped-def]
+    runs = sweep["runs"]
+    return runs[runs["tags.hesstune.role"] != "parent"]  # type: ignore[index]
+
+
+def _parent(sweep: dict[str, object]):  # type: ignore[no-untyped-def]
+    runs = sweep["runs"]
+    return runs[runs["tags.hesstune.role"] == "parent"]  # type: ignore[index]
+
+
+def test_one_parent_and_one_finished_child_per_trial(sweep: dict[str, object]) -> None:
+    parent, children = _parent(sweep), _children(sweep)
+    assert len(parent) == 1 and len(children) == 4
+    assert set(children["status"]) == {"FINISHED"} and parent["status"].iloc[0] == "FINISHED"
+    assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
+    assert children["tags.hesstune.trial_id"].nunique() == 4
+
+
+def test_child_runs_hold_config_params_epoch_metrics_and_final_measures(sweep: dict[str, object]) -> None:
+    import mlflow
+
+    children = _children(sweep)
+    for key in ("params.optim.lr", "params.constraint.radius", "params.epochs", "params.task.noise.rate"):
+        assert children[key].notna().all(), key
+    assert children["params.epochs"].eq("2").all()
+    for key in ("measure", "bound", "trace", "lambda_max", "gap", "val_acc", "test_acc", "distance"):
+        values = children[f"metrics.{key}"]
+        assert values.map(math.isfinite).all(), key
+    assert "metrics.objective" in children and "metrics.config/optim.lr" not in children
+    history = mlflow.MlflowClient().get_metric_history(children["run_id"].iloc[0], "train_loss")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+def test_parent_statistics_match_the_children(sweep: dict[str, object]) -> None:
+    parent, children = _parent(sweep), _children(sweep)
+    tau = selection.kendall_tau(children["metrics.measure"].to_numpy(float), children["metrics.gap"].to_numpy(float))
+    assert parent["metrics.kendall_measure_gap"].iloc[0] == pytest.approx(tau, abs=1e-12)
+    best = children["metrics.test_acc"].max()
+    picked = children.loc[children["metrics.bound"].idxmin(), "metrics.test_acc"]
+    assert parent["metrics.regret_bound"].iloc[0] == pytest.approx(best - picked, abs=1e-12)
+    assert parent["metrics.n_trials"].iloc[0] == 4
+
+
+def test_parent_artifacts(sweep: dict[str, object]) -> None:
+    import mlflow
+
+    run_id = _parent(sweep)["run_id"].iloc[0]
+    paths = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"leaderboard.csv", "measure_vs_gap.png", "layer_distances.png", "best_configs"} <= paths
+
+
+def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str, object]) -> None:
+    stdout = str(sweep["stdout"])
+    assert "Leaderboard by bound" in stdout and "Correlation with the true test gap" in stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in stdout
+    assert stdout.count("[") >= 4  # one progress line per trial
+
+
+def test_export_then_train_reproduces_the_selected_trial(sweep: dict[str, object], cli_env: dict[str, str], tmp_path: Path) -> None:
+    out = str(sweep["out"])
+    proc = hesstune("export", SWEEP, "--output", out, "--top", "1", "-o", str(tmp_path / "best"), env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    children = _children(sweep)
+    chosen = children.loc[children["metrics.bound"].idxmin()]
+    proc = hesstune("train", "--config", str(tmp_path / "best" / "1.yaml"), "--output", str(tmp_path / "replay"), env=cli_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.loads((tmp_path / "replay" / "metrics.json").read_text())["final"]
+    for key in ("train_loss", "val_acc", "test_acc", "gap", "measure", "bound"):
+        assert final[key] == pytest.approx(chosen[f"metrics.{key}"], rel=1e-6, abs=1e-9), key
+
+
+def test_report_command(sweep: dict[str, object], cli_env: dict[str, str]) -> None:
+    proc = hesstune("report", SWEEP, "--output", str(sweep["out"]), "--criterion", "val_acc", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Leaderboard by val_acc" in proc.stdout and "regret" in proc.stdout
+
+
+BAD_SWEEPS = {
+    "unknown preset": (["--space", "nope"], "nope"),
+    "unknown objective": (["--objective", "sharpness"], "sharpness"),
+    "oracle objective": (["--objective", "oracle"], "oracle"),
+    "file tracking uri": (["--tracking-uri", "file:///tmp/mlruns"], "file"),
+    "relative sqlite uri": (["--tracking-uri", "sqlite:///mlflow.db"], "relative"),
+    "zero trials": (["--trials", "0"], "--trials 0"),
+    "bad noise": (["--noise", "symmetric:1.2"], "1.2"),
+    "missing task folder": (["--task", "imagefolder:/no/such/folder"], "/no/such/folder"),
+    "unknown model": (["--model", "resnet_nope"], "resnet_nope"),
+    "unknown scheduler": (["--scheduler", "pbt"], "pbt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+def test_bad_sweep_input_fails_fast_and_writes_nothing(case: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    args, needle = BAD_SWEEPS[case]
+    out = tmp_path / "out"
+    proc = hesstune("sweep", *args, "--output", str(out), env=cli_env, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("params:\n  optim.lr: {float: [0.1, 0.01]}\n", "optim.lr"),
+        ("params:\n  optim.nope: {float: [0.1, 0.2]}\n", "optim.nope"),
+        ("params: [unclosed\n", "YAML"),
+    ],
+)
+def test_bad_space_file(text: str, needle: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    proc = hesstune("sweep", "--space", str(space), "--output", str(tmp_path / "out"), env=cli_env, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
