@@ -1,0 +1,35 @@
+"""Hessian measures of a fine-tuned model (SPEC §4; methods and costs in research/hessian.md).
+
+Public contract::
+
+    layer_curvatures(model, loss_fn, data, reference, *, layers=None, reduce="max") -> dict[str, float]
+    hessian_distance(model, loss_fn, data, reference, *, n, layers=None) -> float
+    hessian_trace(model, loss_fn, data, *, rel_tol=0.05, max_probes=1000, generator=None) -> (float, float)
+    top_eigenvalue(model, loss_fn, data, *, iters=20, generator=None) -> float
+
+``loss_fn(logits, y)`` returns per-sample losses [B]; ``data`` yields (x, y) batches; layer keys
+are ``model.named_parameters()`` names. Everything runs in eval mode, restores every module's
+mode, and leaves parameters (values, ``requires_grad``, ``.grad``) untouched.
+"""
+
+from trainables.hessian.curvature import (
+    LayerCurvatures,
+    hessian_distance,
+    layer_curvatures,
+    measure_layer_curvatures,
+)
+from trainables.hessian.eigen import top_eigenvalue
+from trainables.hessian.reference import reference_layer_curvatures
+from trainables.hessian.trace import TraceEstimate, hessian_trace, hessian_trace_per_layer
+
+__all__ = [
+    "LayerCurvatures",
+    "TraceEstimate",
+    "hessian_distance",
+    "hessian_trace",
+    "hessian_trace_per_layer",
+    "layer_curvatures",
+    "measure_layer_curvatures",
+    "reference_layer_curvatures",
+    "top_eigenvalue",
+]

@@ -1,0 +1,175 @@
+"""Derivative kernels on one batch: output JVPs, second directional derivatives, HVPs.
+
+Notation (hessian.md §3): z = f(x; W) are the model outputs (logits), ℓ_j = loss(z_j, y_j) the
+per-sample losses, v_i the direction of layer i and u_ij = J_i(x_j) v_i = d z_j(W_i + t v_i)/dt the
+output tangent of sample j. The exact per-sample block form splits as
+
+    v_iᵀ H_ii(x_j) v_i = u_ijᵀ ∇²_z ℓ_j u_ij  +  ∇_z ℓ_j · d²z_j(W_i + t v_i)/dt²,
+
+the Gauss–Newton part plus a second-order output term that vanishes when the network is
+piecewise linear in W_i (ReLU, eval-mode BatchNorm, pooling, linear ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from trainables.hessian._model import LossFn, per_sample_losses
+
+# Layer types whose output tangent is the layer's own linear map applied to v (u = op(a, v)).
+_LINEAR_MAPS: dict[type[nn.Module], str] = {
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear"}
+
+
+def supports_reverse_jvp(module: nn.Module, attribute: str) -> bool:
+    """Whether :func:`reverse_output_jvps` can handle ``module.<attribute>`` (exact Conv/Linear weight)."""
+    return type(module) in _LINEAR_MAPS and attribute == "weight"
+
+
+def _weight_tangent(module: nn.Module, activation: Tensor, direction: Tensor) -> Tensor:
+    """d/dt of ``module(activation)`` with weight W + t·direction (the bias carries no tangent)."""
+    if _LINEAR_MAPS[type(module)] == "conv":
+        return module._conv_forward(activation, direction, None)  # type: ignore[operator]
+    return F.linear(activation, direction)
+
+
+def output_quadratic_forms(loss_fn: LossFn, logits: Tensor, y: Tensor, tangents: Tensor) -> Tensor:
+    """u_lᵀ ∇²_z ℓ_j u_l for every tangent l and sample j: ``tangents`` [L, B, ...] → [L, B].
+
+    The per-sample output Hessian of an arbitrary (twice differentiable, per-sample) ``loss_fn`` is
+    obtained by double backward through the loss alone, so no closed form is assumed. With L
+    tangents and K outputs it takes min(L, K) tiny backward passes through the loss.
+    """
+    count, batch = tangents.shape[0], logits.shape[0]
+    point = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        losses = per_sample_losses(loss_fn, point, y)
+        (slope,) = torch.autograd.grad(losses.sum(), point, create_graph=True)
+    if not slope.requires_grad:  # loss linear in the outputs: zero output Hessian
+        return tangents.new_zeros(count, batch)
+    flat = tangents.reshape(count, batch, -1)
+    outputs = flat.shape[-1]
+    if count <= outputs:
+        rows = [(flat[i] * _output_hvp(slope, point, tangents[i]).reshape(batch, -1)).sum(1)
+                for i in range(count)]
+        return torch.stack(rows)
+    columns = []
+    for k in range(outputs):
+        unit = torch.zeros_like(point).reshape(batch, -1)
+        unit[:, k] = 1
+        columns.append(_output_hvp(slope, point, unit.reshape(point.shape)).reshape(batch, -1))
+    hessians = torch.stack(columns, dim=-1)  # [B, K, K]: column k is H_j e_k
+    return torch.einsum("lbk,bkm,lbm->lb", flat, hessians, flat)
+
+
+def _output_hvp(slope: Tensor, point: Tensor, vector: Tensor) -> Tensor:
+    (product,) = torch.autograd.grad(slope, point, grad_outputs=vector, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(point) if product is None else product
+
+
+def reverse_output_jvps(model: nn.Module, x: Tensor, layers: Mapping[str, tuple[nn.Module, Tensor]]
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sample output tangents u_ij = J_i(x_j) v_i of many Conv/Linear layers in one forward.
+
+    Each layer's output a_i W_iᵀ is replaced by a_i W_iᵀ + s_i ⊙ (a_i v_iᵀ) with a per-sample
+    scale s_i = 0 (values unchanged), so ∂z_jk/∂s_ij = (J_i(x_j) v_i)_k. One backward pass per
+    output k gives that column for all layers and samples at once: K backward passes replace L
+    forward tangent passes (cheaper when K ≤ L). Needs samples that do not interact (eval mode).
+    Layers whose output batch size differs from x's are omitted from the result.
+    """
+    batch = x.shape[0]
+    scales = {name: torch.zeros(batch, device=x.device, dtype=x.dtype, requires_grad=True) for name in layers}
+    skipped: set[str] = set()
+    handles = [module.register_forward_hook(_injection_hook(name, direction, scales[name], skipped))
+               for name, (module, direction) in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            used = [name for name in layers if name not in skipped]
+            columns = _output_columns(logits.reshape(logits.shape[0], -1), [scales[name] for name in used])
+    finally:
+        for handle in handles:
+            handle.remove()
+    tangents = {name: torch.stack([column[i] for column in columns], -1).reshape(logits.shape)
+                for i, name in enumerate(used)}
+    return logits.detach(), tangents
+
+
+def _injection_hook(name: str, direction: Tensor, scale: Tensor, skipped: set[str]
+                    ) -> Callable[..., Tensor | None]:
+    def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        if output.shape[0] != scale.shape[0]:
+            skipped.add(name)
+            return None
+        with torch.no_grad():
+            tangent = _weight_tangent(module, args[0], direction)
+        return output + scale.view(-1, *([1] * (output.dim() - 1))) * tangent
+    return hook
+
+
+def _output_columns(flat: Tensor, scales: Sequence[Tensor]) -> list[list[Tensor]]:
+    """columns[k][i] = ∂z_{·k}/∂s_i for outputs ``flat`` [B, K], one backward pass per output k."""
+    count = flat.shape[1]
+    columns = []
+    for k in range(count):
+        unit = torch.zeros_like(flat)
+        unit[:, k] = 1
+        grads = torch.autograd.grad(flat, list(scales), grad_outputs=unit, retain_graph=k < count - 1,
+                                    allow_unused=True)
+        columns.append([torch.zeros_like(s) if g is None else g for g, s in zip(grads, scales, strict=True)])
+    return columns
+
+
+def forward_output_jvp(model: nn.Module, name: str, weight: Tensor, direction: Tensor, x: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """(z, u): outputs and their tangent along W_name + t·direction (forward mode, one pass)."""
+    def outputs(w: Tensor) -> Tensor:
+        return functional_call(model, {name: w}, (x,))
+    logits, tangent = jvp(outputs, (weight,), (direction,))[:2]
+    return logits, tangent
+
+
+def nested_output_derivatives(model: nn.Module, name: str, weight: Tensor, direction: Tensor, x: Tensor
+                              ) -> tuple[Tensor, Tensor]:
+    """(dz/dt, d²z/dt²) along W_name + t·direction, by forward-over-forward."""
+    def slope(w: Tensor) -> Tensor:
+        return forward_output_jvp(model, name, w, direction, x)[1]
+    first, second = jvp(slope, (weight,), (direction,))[:2]
+    return first, second
+
+
+def nested_loss_curvature(model: nn.Module, loss_fn: LossFn, name: str, weight: Tensor, direction: Tensor,
+                          x: Tensor, y: Tensor) -> Tensor:
+    """Exact per-sample d²ℓ_j(W_name + t·v)/dt² = vᵀ H_ii(x_j) v, by forward-over-forward: [B]."""
+    def losses(w: Tensor) -> Tensor:
+        return per_sample_losses(loss_fn, functional_call(model, {name: w}, (x,)), y)
+
+    def slope(w: Tensor) -> Tensor:
+        return jvp(losses, (w,), (direction,))[1]
+    return jvp(slope, (weight,), (direction,))[1]
+
+
+def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], vector: Sequence[Tensor],
+              x: Tensor, y: Tensor) -> list[Tensor]:
+    """H_b v for the batch-mean loss, w.r.t. the parameters ``leaves`` (others held fixed).
+
+    Double backward (hessian.md §0): a create_graph gradient, then a second backward with
+    grad_outputs = v. ``leaves`` are detached copies with requires_grad, so the model's own
+    parameters, their ``requires_grad`` and ``.grad`` are never touched.
+    """
+    params = list(leaves.values())
+    with torch.enable_grad():
+        loss = per_sample_losses(loss_fn, functional_call(model, dict(leaves), (x,)), y).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        result = [torch.zeros_like(v) for v in vector]
+        if not live:
+            return result
+        products = torch.autograd.grad([grads[i] for i in live], params,
+                                       grad_outputs=[vector[i] for i in live], allow_unused=True)
+    return [r if p is None else p for r, p in zip(result, products, strict=True)]
