@@ -36,10 +36,18 @@ def _load_checkpoint() -> dict[str, Any] | None:
 
 
 def _fault_injection(epoch: int) -> None:
-    """Test hook: ``HESSTUNE_FAULT=raise@E`` fails at epoch E (used by the fault-tolerance tests)."""
+    """Test hook for the fault-tolerance tests: ``HESSTUNE_FAULT=raise-once@E`` makes every trial
+    fail once after epoch E's report (a marker per trial in ``HESSTUNE_FAULT_DIR`` remembers it),
+    so the retry must resume from that epoch's checkpoint."""
     fault = os.environ.get("HESSTUNE_FAULT", "")
-    if fault == f"raise@{epoch}":
-        raise RuntimeError(f"injected fault at epoch {epoch}")
+    if fault != f"raise-once@{epoch}":
+        return
+    from ray import tune
+
+    marker = Path(os.environ.get("HESSTUNE_FAULT_DIR", tempfile.gettempdir())) / f"fault-{tune.get_context().get_trial_id()}"
+    if not marker.exists():
+        marker.write_text("raised")
+        raise RuntimeError(f"injected fault after epoch {epoch}")
 
 
 def run_trial(config: dict[str, Any], *, objective: str = "bound") -> None:
@@ -49,10 +57,10 @@ def run_trial(config: dict[str, Any], *, objective: str = "bound") -> None:
     cfg = RunConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
     resume = _load_checkpoint()
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):
-        _fault_injection(result.epoch)
         metrics = dict(result.metrics)
         metrics[OBJECTIVE_KEY] = float(metrics.get(objective, math.nan))
         metrics["final"] = 1.0 if result.final else 0.0
         with tempfile.TemporaryDirectory() as folder:
             torch.save(result.state(), Path(folder) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        _fault_injection(result.epoch)

@@ -120,20 +120,23 @@ class ProgressCallback(Callback):
 
     def __init__(self, total: int, metric: str, *, log: Callable[[str], None] = print) -> None:
         self.total, self.metric, self.log = total, metric, log
-        self.done = 0
         self.started = time.time()
 
+    def setup(self, **info: Any) -> None:
+        self.started = time.time()  # also after a restore, which unpickles this callback
+
+    def _count(self, trials: list[Any]) -> int:
+        return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.done += 1
         r = trial.last_result or {}
         parts = [f"{k} {r[k]:.4g}" for k in dict.fromkeys((self.metric, "measure", "val_acc", "test_acc", "gap")) if _finite(r.get(k))]
         state = "" if r.get("final") else " (stopped early)"
-        self.log(f"[{self.done}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
+        self.log(f"[{self._count(trials)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
                  f"({time.time() - self.started:.0f} s elapsed)")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.done += 1
-        self.log(f"[{self.done}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
+        self.log(f"[{self._count(trials)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
 
 
 def _finite(x: Any) -> bool:

@@ -131,9 +131,10 @@ def _init_ray(opts: SweepOptions) -> None:
         "HF_HUB_OFFLINE": "1",
         "PYTHONWARNINGS": "ignore",
     }
-    for key in ("HESSTUNE_CACHE", "HESSTUNE_FAULT", "HF_HOME"):
+    for key in ("HESSTUNE_CACHE", "HESSTUNE_FAULT", "HESSTUNE_FAULT_DIR", "HF_HOME"):
         if key in os.environ:
             env[key] = os.environ[key]
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our own progress lines instead of Ray's tables
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "logging_level": "ERROR"}
@@ -185,6 +186,7 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
     tune_config = tune.TuneConfig(
         search_alg=_searcher(space, opts, mode), scheduler=_scheduler(opts, epochs), metric="objective",
         mode=mode, num_samples=opts.trials, max_concurrent_trials=opts.concurrency or None, reuse_actors=True,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
     )
     run_config = tune.RunConfig(
         name=opts.name, storage_path=str(paths.storage), verbose=0, callbacks=callbacks,
@@ -192,6 +194,10 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
 
 
 def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:

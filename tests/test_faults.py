@@ -1,0 +1,154 @@
+"""Faults: the driver killed with SIGKILL then resumed, trials that raise, diverge, or lose
+their worker. Real local Ray and a real sqlite MLflow store; the CLI runs in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NO_MEASURE = ["--set", "measure.enabled=false", "--objective", "val_acc"]
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HESSTUNE_CACHE", str(tmp_path / "cache"))
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tuning.cli", *args]
+
+
+def runs(out: Path, name: str) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    df = mlflow.search_runs(experiment_names=[name])
+    return df[df["tags.hesstune.role"] != "parent"], df[df["tags.hesstune.role"] == "parent"]
+
+
+def steps(run_id: str, key: str = "train_loss") -> list[int]:
+    import mlflow
+
+    return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def wait_for_lines(log: Path, prefix: str, count: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and sum(line.startswith(prefix) for line in log.read_text().splitlines()) >= count:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{count} lines starting {prefix!r} not seen in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_kill_driver_then_resume_finishes_every_trial_exactly_once(tmp_path: Path, env: dict[str, str]) -> None:
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    args = cli("sweep", "--space", "smoke", "--trials", "5", "--epochs", "4", "--output", str(out), "--name", "k9", *NO_MEASURE)
+    with open(log, "w") as fh:
+        driver = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_lines(log, "[", 2, timeout=420)
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    children, _ = runs(out, "k9")
+    assert len(children) < 5 or (children["status"] == "RUNNING").any(), "the kill came too late to test resume"
+    time.sleep(3)
+    proc = subprocess.run(cli("sweep", "--resume", "k9", "--output", str(out)), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    children, parent = runs(out, "k9")
+    assert len(children) == 5 and children["tags.hesstune.trial_id"].nunique() == 5
+    assert set(children["status"]) == {"FINISHED"} and set(parent["status"]) == {"FINISHED"}
+    for run_id in children["run_id"]:
+        assert steps(run_id) == [1, 2, 3, 4]  # resumed from checkpoints: no epoch logged twice
+    assert parent["metrics.n_trials"].iloc[0] == 5
+
+
+def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path: Path, env: dict[str, str]) -> None:
+    space = tmp_path / "space.yaml"
+    # lr 1e6 makes the loss NaN/inf: those trials must end FAILED with the reason, the others FINISHED
+    space.write_text(
+        "fixed: {optim.name: sgd}\n"
+        "params:\n"
+        "  optim.lr: {categorical: [1.0e-3, 1.0e+8]}\n"
+        "  optim.momentum: {float: [0.5, 0.9]}\n"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        cli("sweep", "--space", str(space), "--trials", "6", "--epochs", "2", "--output", str(out), "--name", "bad",
+            "--max-failures", "0", *NO_MEASURE),
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    children, parent = runs(out, "bad")
+    assert len(children) == 6 and "RUNNING" not in set(children["status"])
+    lrs = children["params.optim.lr"].astype(float)
+    diverged = children[lrs > 1]
+    assert len(diverged) >= 1 and set(diverged["status"]) == {"FAILED"}, children[["status", "params.optim.lr"]]
+    assert diverged["tags.hesstune.error"].str.contains("lower optim.lr").all()
+    assert set(children[lrs < 1]["status"]) == {"FINISHED"}
+    assert "FAILED" in proc.stdout and parent["status"].iloc[0] == "FINISHED"
+
+
+def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "out"
+    env = {**env, "HESSTUNE_FAULT": "raise-once@2", "HESSTUNE_FAULT_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        cli("sweep", "--space", "smoke", "--trials", "2", "--epochs", "3", "--output", str(out), "--name", "retry",
+            "--max-failures", "1", *NO_MEASURE),
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(tmp_path.glob("fault-*"))) == 2  # each trial did fail once
+    children, _ = runs(out, "retry")
+    assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
+    for run_id in children["run_id"]:
+        assert steps(run_id) == [1, 2, 3]
+
+
+def test_a_killed_trial_worker_is_retried(tmp_path: Path, env: dict[str, str]) -> None:
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    args = cli("sweep", "--space", "smoke", "--trials", "2", "--epochs", "6", "--concurrency", "1", "--output", str(out),
+               "--name", "wk", "--max-failures", "2", *NO_MEASURE)
+    with open(log, "w") as fh:
+        driver = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        victim = _wait_for_trial_worker(out, timeout=300)
+        os.kill(victim, signal.SIGKILL)
+        assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    children, _ = runs(out, "wk")
+    assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
+    for run_id in children["run_id"]:
+        assert steps(run_id)[-1] == 6
+
+
+def _wait_for_trial_worker(out: Path, timeout: float) -> int:
+    """PID of a Ray actor running a trial, once that trial has logged its first epoch."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            children, _ = runs(out, "wk")
+            started = "metrics.epoch" in children and (children["metrics.epoch"] >= 1).any()
+        except Exception:
+            started = False
+        pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+        if started and pids:
+            return int(pids[0])
+        time.sleep(1.0)
+    raise AssertionError("no trial worker appeared")
