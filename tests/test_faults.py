@@ -56,7 +56,9 @@ def wait_for_lines(log: Path, prefix: str, count: int, timeout: float) -> None:
 
 def test_kill_driver_then_resume_finishes_every_trial_exactly_once(tmp_path: Path, env: dict[str, str]) -> None:
     out, log = tmp_path / "out", tmp_path / "driver.log"
-    args = cli("sweep", "--space", "smoke", "--trials", "5", "--epochs", "4", "--output", str(out), "--name", "k9", *NO_MEASURE)
+    args = cli(
+        "sweep", "--space", "smoke", "--trials", "5", "--epochs", "4", "--output", str(out), "--name", "k9", *NO_MEASURE
+    )
     with open(log, "w") as fh:
         driver = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -67,7 +69,9 @@ def test_kill_driver_then_resume_finishes_every_trial_exactly_once(tmp_path: Pat
     children, _ = runs(out, "k9")
     assert len(children) < 5 or (children["status"] == "RUNNING").any(), "the kill came too late to test resume"
     time.sleep(3)
-    proc = subprocess.run(cli("sweep", "--resume", "k9", "--output", str(out)), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cli("sweep", "--resume", "k9", "--output", str(out)), env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     children, parent = runs(out, "k9")
     assert len(children) == 5 and children["tags.hesstune.trial_id"].nunique() == 5
@@ -88,9 +92,26 @@ def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path:
     )
     out = tmp_path / "out"
     proc = subprocess.run(
-        cli("sweep", "--space", str(space), "--trials", "6", "--epochs", "2", "--output", str(out), "--name", "bad",
-            "--max-failures", "0", *NO_MEASURE),
-        env=env, capture_output=True, text=True, timeout=600,
+        cli(
+            "sweep",
+            "--space",
+            str(space),
+            "--trials",
+            "6",
+            "--epochs",
+            "2",
+            "--output",
+            str(out),
+            "--name",
+            "bad",
+            "--max-failures",
+            "0",
+            *NO_MEASURE,
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     children, parent = runs(out, "bad")
@@ -107,9 +128,26 @@ def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path: Path, env:
     out = tmp_path / "out"
     env = {**env, "HESSTUNE_FAULT": "raise-once@2", "HESSTUNE_FAULT_DIR": str(tmp_path)}
     proc = subprocess.run(
-        cli("sweep", "--space", "smoke", "--trials", "2", "--epochs", "3", "--output", str(out), "--name", "retry",
-            "--max-failures", "1", *NO_MEASURE),
-        env=env, capture_output=True, text=True, timeout=600,
+        cli(
+            "sweep",
+            "--space",
+            "smoke",
+            "--trials",
+            "2",
+            "--epochs",
+            "3",
+            "--output",
+            str(out),
+            "--name",
+            "retry",
+            "--max-failures",
+            "1",
+            *NO_MEASURE,
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(tmp_path.glob("fault-*"))) == 2  # each trial did fail once
@@ -121,8 +159,24 @@ def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path: Path, env:
 
 def test_a_killed_trial_worker_is_retried(tmp_path: Path, env: dict[str, str]) -> None:
     out, log = tmp_path / "out", tmp_path / "driver.log"
-    args = cli("sweep", "--space", "smoke", "--trials", "2", "--epochs", "6", "--concurrency", "1", "--output", str(out),
-               "--name", "wk", "--max-failures", "2", *NO_MEASURE)
+    args = cli(
+        "sweep",
+        "--space",
+        "smoke",
+        "--trials",
+        "2",
+        "--epochs",
+        "6",
+        "--concurrency",
+        "1",
+        "--output",
+        str(out),
+        "--name",
+        "wk",
+        "--max-failures",
+        "2",
+        *NO_MEASURE,
+    )
     with open(log, "w") as fh:
         driver = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:

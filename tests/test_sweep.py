@@ -37,8 +37,24 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def sweep(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> dict[str, object]:
     out = tmp_path_factory.mktemp("sweep")
     proc = hesstune(
-        "sweep", "--space", "smoke", "--trials", "4", "--epochs", "2", "--output", str(out), "--name", SWEEP,
-        "--set", "measure.samples=96", "--set", "measure.eigen_samples=32", "--seed", "3", env=cli_env,
+        "sweep",
+        "--space",
+        "smoke",
+        "--trials",
+        "4",
+        "--epochs",
+        "2",
+        "--output",
+        str(out),
+        "--name",
+        SWEEP,
+        "--set",
+        "measure.samples=96",
+        "--set",
+        "measure.eigen_samples=32",
+        "--seed",
+        "3",
+        env=cli_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     import mlflow
@@ -107,13 +123,17 @@ def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str
     assert stdout.count("[") >= 4  # one progress line per trial
 
 
-def test_export_then_train_reproduces_the_selected_trial(sweep: dict[str, object], cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_export_then_train_reproduces_the_selected_trial(
+    sweep: dict[str, object], cli_env: dict[str, str], tmp_path: Path
+) -> None:
     out = str(sweep["out"])
     proc = hesstune("export", SWEEP, "--output", out, "--top", "1", "-o", str(tmp_path / "best"), env=cli_env)
     assert proc.returncode == 0, proc.stderr
     children = _children(sweep)
     chosen = children.loc[children["metrics.bound"].idxmin()]
-    proc = hesstune("train", "--config", str(tmp_path / "best" / "1.yaml"), "--output", str(tmp_path / "replay"), env=cli_env)
+    proc = hesstune(
+        "train", "--config", str(tmp_path / "best" / "1.yaml"), "--output", str(tmp_path / "replay"), env=cli_env
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = json.loads((tmp_path / "replay" / "metrics.json").read_text())["final"]
     for key in ("train_loss", "val_acc", "test_acc", "gap", "measure", "bound"):
@@ -124,44 +144,3 @@ def test_report_command(sweep: dict[str, object], cli_env: dict[str, str]) -> No
     proc = hesstune("report", SWEEP, "--output", str(sweep["out"]), "--criterion", "val_acc", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert "Leaderboard by val_acc" in proc.stdout and "regret" in proc.stdout
-
-
-BAD_SWEEPS = {
-    "unknown preset": (["--space", "nope"], "nope"),
-    "unknown objective": (["--objective", "sharpness"], "sharpness"),
-    "oracle objective": (["--objective", "oracle"], "oracle"),
-    "file tracking uri": (["--tracking-uri", "file:///tmp/mlruns"], "file"),
-    "relative sqlite uri": (["--tracking-uri", "sqlite:///mlflow.db"], "relative"),
-    "zero trials": (["--trials", "0"], "--trials 0"),
-    "bad noise": (["--noise", "symmetric:1.2"], "1.2"),
-    "missing task folder": (["--task", "imagefolder:/no/such/folder"], "/no/such/folder"),
-    "unknown model": (["--model", "resnet_nope"], "resnet_nope"),
-    "unknown scheduler": (["--scheduler", "pbt"], "pbt"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
-def test_bad_sweep_input_fails_fast_and_writes_nothing(case: str, cli_env: dict[str, str], tmp_path: Path) -> None:
-    args, needle = BAD_SWEEPS[case]
-    out = tmp_path / "out"
-    proc = hesstune("sweep", *args, "--output", str(out), env=cli_env, timeout=120)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], proc.stderr
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    ("text", "needle"),
-    [
-        ("params:\n  optim.lr: {float: [0.1, 0.01]}\n", "optim.lr"),
-        ("params:\n  optim.nope: {float: [0.1, 0.2]}\n", "optim.nope"),
-        ("params: [unclosed\n", "YAML"),
-    ],
-)
-def test_bad_space_file(text: str, needle: str, cli_env: dict[str, str], tmp_path: Path) -> None:
-    space = tmp_path / "space.yaml"
-    space.write_text(text)
-    proc = hesstune("sweep", "--space", str(space), "--output", str(tmp_path / "out"), env=cli_env, timeout=120)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
-    assert not (tmp_path / "out").exists()

@@ -95,9 +95,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.pretrained not in ("source", "timm", "none") and not self.pretrained.startswith("file:"):
-            raise ConfigError(
-                f"model.pretrained={self.pretrained!r} is unknown: use source, timm, none or file:PATH"
-            )
+            raise ConfigError(f"model.pretrained={self.pretrained!r} is unknown: use source, timm, none or file:PATH")
 
 
 @dataclass(frozen=True)

@@ -243,10 +243,10 @@ def _split_indices(pool: _Pool, cfg: TaskConfig, rng: np.random.Generator) -> di
     if cfg.merge_val:
         parts["train"] = np.concatenate([parts["train"], parts["val"]])
         parts["val"] = parts["val"][:0]
-    for split, idx in parts.items():
-        if split == "train" or (split == "test" and pool.test_x is None):
-            if len(idx) == 0:
-                raise ConfigError(f"task {cfg.name!r} leaves the {split} split empty: use more data or other fractions")
+    needed = ["train"] + (["test"] if pool.test_x is None else [])
+    for split in needed:
+        if len(parts[split]) == 0:
+            raise ConfigError(f"task {cfg.name!r} leaves the {split} split empty: use more data or other fractions")
     return parts
 
 

@@ -24,7 +24,7 @@ from trainables.data import TaskData, load_task
 from trainables.models import create_model, layer_groups
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 
-__all__ = ["EpochResult", "DivergedError", "fine_tune", "predict", "resolve_device", "train_to_end"]
+__all__ = ["DivergedError", "EpochResult", "fine_tune", "predict", "resolve_device", "train_to_end"]
 
 
 class DivergedError(RuntimeError):
@@ -104,26 +104,42 @@ def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run
     generator = torch.Generator().manual_seed(cfg.seed)
     train = data.train
     ctx = RunContext(
-        model=model, reference=reference, groups=layer_groups(model),
-        labels=train.labels.clone(), noisy=train.labels.clone(),
+        model=model,
+        reference=reference,
+        groups=layer_groups(model),
+        labels=train.labels.clone(),
+        noisy=train.labels.clone(),
         clean=train.clean if data.transition is not None else None,
-        num_classes=data.num_classes, epochs=cfg.epochs, transition=data.transition,
+        num_classes=data.num_classes,
+        epochs=cfg.epochs,
+        transition=data.transition,
         noise_rate=cfg.task.noise.rate if cfg.task.noise.kind != "none" else 0.0,
-        generator=generator, fit_plain=lambda epochs: _fit_plain(cfg, data, epochs), log=log,
+        generator=generator,
+        fit_plain=lambda epochs: _fit_plain(cfg, data, epochs),
+        log=log,
     )
     ctx.train_x = train.x  # type: ignore[attr-defined]  # for estimating F
     for reg in regs:
         reg.setup(ctx)
     opt = _optimizer(cfg, model)
-    return _Run(cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device,
-                gradient_regs[0] if gradient_regs else None)
+    return _Run(
+        cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device, gradient_regs[0] if gradient_regs else None
+    )
 
 
 def _fit_plain(cfg: RunConfig, data: TaskData, epochs: int) -> nn.Module:
     """A plain fine-tuning (no regularizer, no measure) of ``epochs`` epochs, e.g. to estimate F."""
-    plain = cfg.replace(**{"consistent.enabled": False, "self_label.enabled": False,
-                           "constraint.enabled": False, "nso.enabled": False, "sam.enabled": False,
-                           "measure.enabled": False, "epochs": epochs})
+    plain = cfg.replace(
+        **{
+            "consistent.enabled": False,
+            "self_label.enabled": False,
+            "constraint.enabled": False,
+            "nso.enabled": False,
+            "sam.enabled": False,
+            "measure.enabled": False,
+            "epochs": epochs,
+        }
+    )
     run = _prepare(plain, data, log=lambda _: None)
     for epoch in range(1, epochs + 1):
         _train_epoch(run, epoch)
@@ -180,10 +196,7 @@ def _train_epoch(run: _Run, epoch: int) -> float:
     run.model.train()
     train = run.data.train
     order = torch.randperm(len(train), generator=run.ctx.generator)
-    losses = [
-        _step(run, train.x[idx].to(run.device), idx, epoch)
-        for idx in order.split(run.cfg.optim.batch_size)
-    ]
+    losses = [_step(run, train.x[idx].to(run.device), idx, epoch) for idx in order.split(run.cfg.optim.batch_size)]
     if run.scheduler is not None:
         run.scheduler.step()
     return float(np.mean(losses))
@@ -326,5 +339,3 @@ def _transition(run: _Run) -> np.ndarray | None:
 def train_to_end(cfg: RunConfig, **kwargs: Any) -> list[EpochResult]:
     """Run :func:`fine_tune` to completion and return every epoch's result."""
     return list(fine_tune(cfg, **kwargs))
-
-

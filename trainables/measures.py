@@ -50,7 +50,9 @@ def _subset(n: int, cap: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, device: torch.device, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, device: torch.device, size: int = 64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(size), y.split(size), strict=True)]
 
 
@@ -82,8 +84,14 @@ def measure_model(
     }
     out.update({f"h/{name}": value for name, value in h_max.items()})
     loss_hat, c, kind = bound_terms(predict(model, train.x), train.labels, transition, mc.loss_bound)
-    out.update({"bound": loss_hat + math.sqrt(c) * out["measure"], "bound_loss": loss_hat, "bound_C": c,
-                "bound_fwd": 1.0 if kind == "fwd" else 0.0})
+    out.update(
+        {
+            "bound": loss_hat + math.sqrt(c) * out["measure"],
+            "bound_loss": loss_hat,
+            "bound_C": c,
+            "bound_fwd": 1.0 if kind == "fwd" else 0.0,
+        }
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     if mc.trace:
         tic = time.perf_counter()

@@ -54,9 +54,7 @@ def _pair(clean: np.ndarray, k: int, rate: float, rng: np.random.Generator, _s: 
     return noisy
 
 
-def _correlated(
-    clean: np.ndarray, k: int, rate: float, rng: np.random.Generator, scores: object
-) -> np.ndarray:
+def _correlated(clean: np.ndarray, k: int, rate: float, rng: np.random.Generator, scores: object) -> np.ndarray:
     """Flip to a weak model's most probable wrong class, where that model is most confused.
 
     ``scores`` are the weak model's class probabilities [n, K]. The ⌊r·n⌉ samples with the

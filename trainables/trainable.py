@@ -44,7 +44,9 @@ def _fault_injection(epoch: int) -> None:
         return
     from ray import tune
 
-    marker = Path(os.environ.get("HESSTUNE_FAULT_DIR", tempfile.gettempdir())) / f"fault-{tune.get_context().get_trial_id()}"
+    marker = (
+        Path(os.environ.get("HESSTUNE_FAULT_DIR", tempfile.gettempdir())) / f"fault-{tune.get_context().get_trial_id()}"
+    )
     if not marker.exists():
         marker.write_text("raised")
         raise RuntimeError(f"injected fault after epoch {epoch}")

@@ -18,9 +18,20 @@ __all__ = ["ProgressCallback", "TrackingCallback"]
 
 # Ray's bookkeeping keys are not trial metrics.
 _RAY_KEYS = {
-    "timestamp", "done", "training_iteration", "trial_id", "date", "pid", "hostname", "node_ip",
-    "time_since_restore", "iterations_since_restore", "time_this_iter_s", "checkpoint_dir_name",
-    "should_checkpoint", "config",
+    "timestamp",
+    "done",
+    "training_iteration",
+    "trial_id",
+    "date",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "time_this_iter_s",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "config",
 }
 
 
@@ -54,14 +65,17 @@ class TrackingCallback(Callback):
     def _child(self, trial: Any) -> str:
         if trial.trial_id not in self.children:
             params = {k: v for k, v in trial.config.items() if not str(k).startswith("_")}
-            self.children[trial.trial_id] = open_child(self.mc, self.exp_id, self.parent_id, trial.trial_id,
-                                                       f"{self.sweep}-{trial.trial_id}", params)
+            self.children[trial.trial_id] = open_child(
+                self.mc, self.exp_id, self.parent_id, trial.trial_id, f"{self.sweep}-{trial.trial_id}", params
+            )
         return self.children[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._child(trial)
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         metrics = _metrics(result)
         log_metrics(self.mc, self._child(trial), metrics, step=int(metrics.get("epoch", 0)))
         if metrics.get("final"):
@@ -122,7 +136,9 @@ class ProgressCallback(Callback):
         self.total, self.metric, self.log = total, metric, log
         self.started = time.time()
 
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
+    ) -> None:
         self.started = time.time()  # also after a restore, which unpickles this callback
 
     def _count(self, trials: list[Any]) -> int:
@@ -130,10 +146,16 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
-        parts = [f"{k} {r[k]:.4g}" for k in dict.fromkeys((self.metric, "measure", "val_acc", "test_acc", "gap")) if _finite(r.get(k))]
+        parts = [
+            f"{k} {r[k]:.4g}"
+            for k in dict.fromkeys((self.metric, "measure", "val_acc", "test_acc", "gap"))
+            if _finite(r.get(k))
+        ]
         state = "" if r.get("final") else " (stopped early)"
-        self.log(f"[{self._count(trials)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
-                 f"({time.time() - self.started:.0f} s elapsed)")
+        self.log(
+            f"[{self._count(trials)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
+            f"({time.time() - self.started:.0f} s elapsed)"
+        )
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.log(f"[{self._count(trials)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")

@@ -77,7 +77,7 @@ def _base_config(args: argparse.Namespace) -> RunConfig:
 
     parse_task_name(cfg.task.name)
     check_model_name(cfg.model.name)
-    kind, _, path = cfg.task.name.partition(":")
+    path = cfg.task.name.partition(":")[2]
     if path and not Path(path).is_dir():
         raise ConfigError(f"task folder {path!r} does not exist: give an existing local folder")
     return cfg
@@ -103,15 +103,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = _output(args) if args.output else None
     if out is not None and out.exists() and not out.is_dir():
         raise UsageError(f"--output {str(out)!r} is a file: give a folder")
-    print(f"hesstune train: task {cfg.task.name}, model {cfg.model.name} ({cfg.model.pretrained}), "
-          f"{cfg.epochs} epochs, regularizers: {_enabled(cfg) or 'none'}", flush=True)
+    print(
+        f"hesstune train: task {cfg.task.name}, model {cfg.model.name} ({cfg.model.pretrained}), "
+        f"{cfg.epochs} epochs, regularizers: {_enabled(cfg) or 'none'}",
+        flush=True,
+    )
     epochs: list[dict[str, float]] = []
     result = None
     for result in fine_tune(cfg, log=lambda msg: print(msg, flush=True)):
         epochs.append(result.metrics)
         m = result.metrics
-        print(f"epoch {result.epoch:3d}/{cfg.epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.3f}  "
-              f"val_acc {m.get('val_acc', math.nan):.3f}  test_acc {m['test_acc']:.3f}  ({m['epoch_s']:.2f} s)", flush=True)
+        print(
+            f"epoch {result.epoch:3d}/{cfg.epochs}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.3f}  "
+            f"val_acc {m.get('val_acc', math.nan):.3f}  test_acc {m['test_acc']:.3f}  ({m['epoch_s']:.2f} s)",
+            flush=True,
+        )
     assert result is not None
     final = result.metrics
     print(_final_table(final))
@@ -128,9 +134,25 @@ def _enabled(cfg: RunConfig) -> str:
     return ", ".join(n for n in ("constraint", "self_label", "consistent", "nso", "sam") if getattr(cfg, n).enabled)
 
 
-FINAL_KEYS = ("train_loss", "train_acc", "val_acc", "test_loss", "test_acc", "gap", "gap_clean", "memorized",
-              "measure", "bound", "bound_C", "trace", "trace_se", "lambda_max", "distance",
-              "backward_passes_per_step", "measure_s")
+FINAL_KEYS = (
+    "train_loss",
+    "train_acc",
+    "val_acc",
+    "test_loss",
+    "test_acc",
+    "gap",
+    "gap_clean",
+    "memorized",
+    "measure",
+    "bound",
+    "bound_C",
+    "trace",
+    "trace_se",
+    "lambda_max",
+    "distance",
+    "backward_passes_per_step",
+    "measure_s",
+)
 
 
 def _final_table(m: dict[str, float]) -> str:
@@ -145,12 +167,23 @@ def _sweep_options(args: argparse.Namespace) -> Any:
     output = _output(args)
     base = _base_config(args)
     space = args.space or "full"
-    name = args.name or f"{base.task.name.split(':')[0]}-{space.replace('/', '_').removesuffix('.yaml')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    space_tag = Path(space).stem if space.endswith((".yaml", ".yml")) else space
+    name = args.name or f"{base.task.name.split(':')[0]}-{space_tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     return SweepOptions(
-        name=name, space=space, base=base, trials=args.trials, concurrency=args.concurrency,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler,
-        objective=args.objective, tracking_uri=_tracking_uri(args, output), output=output, seed=args.seed or 0,
-        address=args.address, max_failures=args.max_failures,
+        name=name,
+        space=space,
+        base=base,
+        trials=args.trials,
+        concurrency=args.concurrency,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        scheduler=args.scheduler,
+        objective=args.objective,
+        tracking_uri=_tracking_uri(args, output),
+        output=output,
+        seed=args.seed or 0,
+        address=args.address,
+        max_failures=args.max_failures,
     )
 
 
@@ -183,7 +216,11 @@ def _print_report(uri: str, exp_id: str, parent_id: str, criterion: str, top: in
 
 
 def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
-    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else f"open {uri}"
+    ui = (
+        f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        if uri.startswith("sqlite")
+        else f"open {uri}"
+    )
     print(f"compare the runs in MLflow:  {ui}  (experiment {name!r}, id {exp_id}: #/experiments/{exp_id}/runs)")
     print(f"report again:  hesstune report {name} --output {output}")
     print(f"best configs:  hesstune export {name} --top 3 -o best/ --output {output}")
@@ -234,9 +271,22 @@ def cmd_server(args: argparse.Namespace) -> int:
     """Start a real MLflow tracking server (sqlite backend, local artifact root)."""
     out = _output(args)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
-           "--backend-store-uri", f"sqlite:///{out / 'mlflow-server.db'}",
-           "--artifacts-destination", str(out / "mlartifacts"), "--workers", str(args.workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--backend-store-uri",
+        f"sqlite:///{out / 'mlflow-server.db'}",
+        "--artifacts-destination",
+        str(out / "mlartifacts"),
+        "--workers",
+        str(args.workers),
+    ]
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"warning: binding to {args.host}: the tracking server has no authentication", file=sys.stderr)
     print("starting:", " ".join(cmd), flush=True)
@@ -265,14 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="search hyperparameters with Ray Tune + Optuna, tracked in MLflow")
     _add_run_options(s)
-    s.add_argument("--space", help="preset (regsl, robust, nso, full, groups, baseline, smoke) or a YAML file; default full")
+    s.add_argument(
+        "--space", help="preset (regsl, robust, nso, full, groups, baseline, smoke) or a YAML file; default full"
+    )
     s.add_argument("--trials", type=int, default=16)
     s.add_argument("--concurrency", type=int, default=0, help="trials at once (0: as many as the resources allow)")
     s.add_argument("--cpus-per-trial", type=float, default=1.0)
     s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack several trials on one GPU")
     s.add_argument("--scheduler", default="fifo", help="fifo or asha")
-    s.add_argument("--objective", default=selection.DEFAULT_CRITERION,
-                   help=f"what Optuna optimises and what selects: {', '.join(selection.list_criteria())} (oracle excluded)")
+    s.add_argument(
+        "--objective",
+        default=selection.DEFAULT_CRITERION,
+        help=f"what Optuna optimises and what selects: {', '.join(selection.list_criteria())} (oracle excluded)",
+    )
     s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
     s.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for Ray results and the default MLflow store")
     s.add_argument("--name", help="sweep name (= MLflow experiment); default <task>-<space>-<time>")
@@ -281,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint")
     s.set_defaults(func=cmd_sweep)
 
-    for cmd, helptext in (("report", "leaderboard and correlation table of a sweep"),
-                          ("export", "write the best trials' configs as replayable YAML files")):
+    for cmd, helptext in (
+        ("report", "leaderboard and correlation table of a sweep"),
+        ("export", "write the best trials' configs as replayable YAML files"),
+    ):
         p = sub.add_parser(cmd, help=helptext)
         p.add_argument("name")
         p.add_argument("--output", default=DEFAULT_OUTPUT)

@@ -55,21 +55,43 @@ CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
 def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     """The leaderboard and the correlation table as text."""
     board = selection.leaderboard(table, criterion).head(top)
-    cols = [c for c in ("rank", "trial_id", criterion if criterion in board else "", "bound", "measure",
-                        "val_acc", "test_acc", "gap", "train_acc") if c and c in board]
-    lines = [f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation):",
-             board[list(dict.fromkeys(cols))].to_string(index=False, float_format=lambda x: f"{x:.4f}"), ""]
+    cols = [
+        c
+        for c in (
+            "rank",
+            "trial_id",
+            criterion if criterion in board else "",
+            "bound",
+            "measure",
+            "val_acc",
+            "test_acc",
+            "gap",
+            "train_acc",
+        )
+        if c and c in board
+    ]
+    lines = [
+        f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation):",
+        board[list(dict.fromkeys(cols))].to_string(index=False, float_format=lambda x: f"{x:.4f}"),
+        "",
+    ]
     measures = [m for m in CORRELATION_MEASURES if m in table]
     if measures and "gap" in table:
         corr = selection.correlations(table, measures=tuple(measures), target="gap")
-        lines += ["Correlation with the true test gap (noisy-test loss − train loss):",
-                  corr.to_string(float_format=lambda x: f"{x:.3f}"), ""]
+        lines += [
+            "Correlation with the true test gap (noisy-test loss − train loss):",
+            corr.to_string(float_format=lambda x: f"{x:.3f}"),
+            "",
+        ]
     regrets = {c: selection.regret(table, c) for c in ("bound", "measure", "val_acc") if _has(table, c)}
     if regrets:
-        lines.append("Selection regret (oracle-best clean test acc − picked trial's): " +
-                     ", ".join(f"{c} {v:.4f}" for c, v in regrets.items()))
+        lines.append(
+            "Selection regret (oracle-best clean test acc − picked trial's): "
+            + ", ".join(f"{c} {v:.4f}" for c, v in regrets.items())
+        )
     if _has(table, "val_acc") and _has(table, "bound"):
-        lines.append(f"Ranking agreement, Kendall τ(bound, val_acc): {selection.ranking_agreement(table, 'bound', 'val_acc'):.3f}")
+        agreement = selection.ranking_agreement(table, "bound", "val_acc")
+        lines.append(f"Ranking agreement, Kendall τ(bound, val_acc): {agreement:.3f}")
     return "\n".join(lines)
 
 
@@ -91,7 +113,9 @@ def export_configs(table: pd.DataFrame, criterion: str, top: int, folder: Path, 
         cfg = config_from_params(by_id[trial_id]["params"])
         if refit:
             cfg = cfg.replace(**{"task.merge_val": True})
-        header = f"# hesstune export: rank {rank} by {criterion}, trial {trial_id}" + (" (refit on train ∪ val)" if refit else "")
+        header = f"# hesstune export: rank {rank} by {criterion}, trial {trial_id}" + (
+            " (refit on train ∪ val)" if refit else ""
+        )
         path = folder / f"{rank}.yaml"
         path.write_text(header + "\n" + cfg.to_yaml())
         paths.append(path)

@@ -30,6 +30,7 @@ class FidelityAwareOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result=result, error=error)
             return
         try:
+            assert self._ot_study is not None  # set up by OptunaSearch before any trial
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         except Exception as exc:  # the study refuses a second tell; never crash the driver for it
             log.warning("could not tell Optuna that trial %s was pruned: %s", trial_id, exc)

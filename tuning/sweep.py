@@ -19,7 +19,7 @@ from typing import Any
 from search_spaces import SearchSpace, load_space
 from trainables.config import RunConfig
 from tuning import selection
-from tuning.tracking import default_tracking_uri, ensure_parent_run, validate_tracking_uri
+from tuning.tracking import ensure_parent_run, validate_tracking_uri
 
 __all__ = ["SweepError", "SweepOptions", "SweepPaths", "load_sweep", "run_sweep"]
 
@@ -87,7 +87,9 @@ def objective_metric(objective: str) -> tuple[str, str]:
     except ValueError as exc:
         raise SweepError(str(exc)) from None
     if crit.evaluation_only:
-        raise SweepError(f"--objective {objective} uses the clean test labels (evaluation only): use bound, measure or val_acc")
+        raise SweepError(
+            f"--objective {objective} uses the clean test labels (evaluation only): use bound, measure or val_acc"
+        )
     return crit.metric, crit.direction
 
 
@@ -109,7 +111,9 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
     space.check(opts.base)
     paths = SweepPaths(opts.output, opts.name)
     if not resume and paths.experiment.exists():
-        raise SweepError(f"sweep {opts.name!r} already exists in {paths.storage}: use --resume {opts.name} or another --name")
+        raise SweepError(
+            f"sweep {opts.name!r} already exists in {paths.storage}: use --resume {opts.name} or another --name"
+        )
     return space
 
 
@@ -124,7 +128,9 @@ def load_sweep(output: Path, name: str) -> SweepOptions:
 def _init_ray(opts: SweepOptions) -> None:
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if not opts.address else os.environ.get("RAY_AUTH_MODE", "disabled"))
+    os.environ.setdefault(
+        "RAY_AUTH_MODE", "disabled" if not opts.address else os.environ.get("RAY_AUTH_MODE", "disabled")
+    )
     env = {
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -148,7 +154,10 @@ def _searcher(space: SearchSpace, opts: SweepOptions, mode: str) -> Any:
     from tuning.search import FidelityAwareOptunaSearch
 
     return FidelityAwareOptunaSearch(
-        space=space.bind(opts.base), metric="objective", mode=mode, seed=opts.seed,
+        space=space.bind(opts.base),
+        metric="objective",
+        mode=mode,
+        seed=opts.seed,
         max_epochs=space.epochs_for(opts.base),
     )
 
@@ -158,7 +167,9 @@ def _scheduler(opts: SweepOptions, epochs: int) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=3)
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4), reduction_factor=3
+    )
 
 
 def _base_for(opts: SweepOptions, metric: str) -> RunConfig:
@@ -181,15 +192,26 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if paths.experiment.exists() and tune.Tuner.can_restore(str(paths.experiment)):
-        return tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(
+            str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False
+        )
     epochs = space.epochs_for(opts.base)
     tune_config = tune.TuneConfig(
-        search_alg=_searcher(space, opts, mode), scheduler=_scheduler(opts, epochs), metric="objective",
-        mode=mode, num_samples=opts.trials, max_concurrent_trials=opts.concurrency or None, reuse_actors=True,
-        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        search_alg=_searcher(space, opts, mode),
+        scheduler=_scheduler(opts, epochs),
+        metric="objective",
+        mode=mode,
+        num_samples=opts.trials,
+        max_concurrent_trials=opts.concurrency or None,
+        reuse_actors=True,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_name,
     )
     run_config = tune.RunConfig(
-        name=opts.name, storage_path=str(paths.storage), verbose=0, callbacks=callbacks,
+        name=opts.name,
+        storage_path=str(paths.storage),
+        verbose=0,
+        callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
     )
@@ -217,19 +239,29 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space)
     )
     paths.experiment.mkdir(parents=True, exist_ok=True)
-    paths.meta.write_text(json.dumps({**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}, indent=1))
+    paths.meta.write_text(
+        json.dumps({**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}, indent=1)
+    )
     _init_ray(opts)
     tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, objective=opts.objective, sweep=opts.name)
     progress = ProgressCallback(opts.trials, metric, log=log)
     tic = time.perf_counter()
-    log(f"sweep {opts.name}: {opts.trials} trials of space {space.name!r}, objective {opts.objective}, "
-        f"results in {paths.experiment}")
+    log(
+        f"sweep {opts.name}: {opts.trials} trials of space {space.name!r}, objective {opts.objective}, "
+        f"results in {paths.experiment}"
+    )
     # A restored tuner brings back its own (pickled) callbacks; ``finish`` reads MLflow, so any
     # instance of the tracker can close the sweep.
     results = _tuner(opts, space, [tracker, progress], paths).fit()
     tracker.finish(wall_s=time.perf_counter() - tic)
-    return {"experiment_id": exp_id, "parent_run_id": parent_id, "results": results, "paths": paths,
-            "wall_s": time.perf_counter() - tic, "errors": len(results.errors)}
+    return {
+        "experiment_id": exp_id,
+        "parent_run_id": parent_id,
+        "results": results,
+        "paths": paths,
+        "wall_s": time.perf_counter() - tic,
+        "errors": len(results.errors),
+    }
 
 
 def _sweep_tags(opts: SweepOptions) -> dict[str, str]:
@@ -238,15 +270,28 @@ def _sweep_tags(opts: SweepOptions) -> dict[str, str]:
     import torch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return {"hesstune.space": opts.space, "hesstune.objective": opts.objective, "versions.ray": ray.__version__,
-            "versions.optuna": optuna.__version__, "versions.torch": torch.__version__,
-            "sampler": f"TPESampler(seed={opts.seed})"}
+    return {
+        "hesstune.space": opts.space,
+        "hesstune.objective": opts.objective,
+        "versions.ray": ray.__version__,
+        "versions.optuna": optuna.__version__,
+        "versions.torch": torch.__version__,
+        "sampler": f"TPESampler(seed={opts.seed})",
+    }
 
 
 def _sweep_params(opts: SweepOptions, space: SearchSpace) -> dict[str, Any]:
     params = {f"base.{k}": v for k, v in opts.base.to_flat().items()}
-    params.update({"space": space.name, "trials": opts.trials, "objective": opts.objective,
-                   "scheduler": opts.scheduler, "seed": opts.seed, "concurrency": opts.concurrency,
-                   "cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial})
+    params.update(
+        {
+            "space": space.name,
+            "trials": opts.trials,
+            "objective": opts.objective,
+            "scheduler": opts.scheduler,
+            "seed": opts.seed,
+            "concurrency": opts.concurrency,
+            "cpus_per_trial": opts.cpus_per_trial,
+            "gpus_per_trial": opts.gpus_per_trial,
+        }
+    )
     return params
-

@@ -91,7 +91,9 @@ def ensure_parent_run(uri: str, sweep: str, *, tags: Mapping[str, str], params: 
     mc = client(uri)
     exp = mc.get_experiment_by_name(sweep)
     exp_id = exp.experiment_id if exp else mc.create_experiment(sweep)
-    found = mc.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`hesstune.role` = 'parent'")
+    found = mc.search_runs(
+        [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`hesstune.role` = 'parent'"
+    )
     if found:
         run_id = found[0].info.run_id
         mc.update_run(run_id, status="RUNNING")
@@ -155,7 +157,9 @@ def child_runs(uri: str, exp_id: str, parent_id: str) -> Any:
 
 def finish_orphans(mc: Any, exp_id: str, parent_id: str, status: str = "KILLED") -> int:
     """End any child still RUNNING (e.g. after the driver was killed); returns how many."""
-    runs = mc.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
+    runs = mc.search_runs(
+        [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    )
     for run in runs:
         _retry(mc.set_terminated, run.info.run_id, status=status)
     return len(runs)

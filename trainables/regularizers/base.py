@@ -28,6 +28,7 @@ from trainables.models import LayerGroups
 
 __all__ = ["Closure", "Regularizer", "RunContext"]
 
+
 class Closure(Protocol):
     """Runs forward (+ backward unless ``backward=False``) at the current weights; returns the loss.
 

@@ -5,24 +5,31 @@ Per step, with U_j ~ N(0, σ²I) on every trainable parameter (j = 1..k) and the
 then the base optimizer steps at W. That is 2k forward/backward passes (the reference code
 always runs an extra clean pass, 3× SGD at k = 1; we do not when λ = 0).
 
+Noise: U_j = σξ_j, each ξ_j one flat ``torch.randn`` draw over all trainable parameters (in
+``model.parameters()`` order, in the first parameter's dtype) from the run's generator;
+on an accelerator the draw comes from a device generator re-seeded from the run's generator each
+step, so runs stay reproducible and resumable. The weights are restored by copying a saved W
+(``(W + U) − U`` is not exactly W in floating point).
+
 BatchNorm: no perturbed pass updates the running statistics on its own. By default
 (``bn_stats="pair_mean"``) they are updated once per step with the mean of the ± passes' batch
 statistics, which equals the clean statistics up to O(σ²) because the ±U terms cancel;
-``clean_forward`` runs an extra no-grad forward at W instead (exact, +1 forward);
-``frozen`` never updates them during NSO steps.
+``clean_forward`` runs an extra no-grad forward at W first instead (exact, +1 forward);
+``frozen`` never updates them during NSO steps. With λ > 0 the clean pass runs first and
+updates them (except under ``frozen``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from trainables.config import NSOConfig
-from trainables.regularizers.base import Closure, Regularizer
+from trainables.regularizers.base import Closure, Regularizer, RunContext
 
 __all__ = ["NSO", "BatchNormGuard", "sigma_at"]
 
@@ -37,42 +44,51 @@ def sigma_at(cfg: NSOConfig, epoch: int, epochs: int) -> float:
     return math.exp(math.log(1e-5) + frac * (math.log(cfg.sigma) - math.log(1e-5)))
 
 
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """BatchNorm layers that keep running statistics."""
+    norm = nn.modules.batchnorm._BatchNorm
+    return [m for m in model.modules() if isinstance(m, norm) and m.track_running_stats]
+
+
 class BatchNormGuard:
-    """Controls BatchNorm running statistics across several passes of one step."""
+    """Controls BatchNorm running statistics across several passes of one step.
 
-    def __init__(self, model: nn.Module, mode: str) -> None:
+    Each perturbed pass runs with the statistics saved at construction and its own update is
+    undone afterwards; ``pair_mean`` keeps the sum of the updated mean/var for :meth:`finish`.
+    """
+
+    def __init__(self, model: nn.Module | list[nn.modules.batchnorm._BatchNorm], mode: str) -> None:
         self.mode = mode
-        self.modules = [
-            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        ]
-        self.saved = [self._read(m) for m in self.modules]
-        self.after: list[list[list[torch.Tensor]]] = []
-
-    @staticmethod
-    def _read(m: nn.Module) -> list[torch.Tensor]:
-        return [m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()]  # type: ignore[union-attr]
-
-    @staticmethod
-    def _write(m: nn.Module, values: list[torch.Tensor]) -> None:
-        for buf, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), values, strict=True):
-            buf.copy_(value)  # type: ignore[union-attr]
+        self.modules = model if isinstance(model, list) else batchnorms(model)
+        self.stats: list[torch.Tensor] = [s for m in self.modules for s in (m.running_mean, m.running_var)]  # type: ignore[misc]
+        self.counts: list[torch.Tensor] = [m.num_batches_tracked for m in self.modules]  # type: ignore[misc]
+        self.saved = [s.clone() for s in self.stats]
+        self.saved_counts = [c.clone() for c in self.counts]
+        self.total: list[torch.Tensor] | None = None
+        self.passes = 0
 
     @contextmanager
     def perturbed_pass(self) -> Iterator[None]:
         """Run one perturbed pass; its own update to the statistics is undone afterwards."""
         yield
-        self.after.append([self._read(m) for m in self.modules])
-        for m, values in zip(self.modules, self.saved, strict=True):
-            self._write(m, values)
+        if not self.stats:
+            return
+        if self.mode == "pair_mean":
+            if self.total is None:
+                self.total = [s.clone() for s in self.stats]
+            else:
+                torch._foreach_add_(self.total, self.stats)
+            self.passes += 1
+        torch._foreach_copy_(self.stats, self.saved)
+        torch._foreach_copy_(self.counts, self.saved_counts)
 
     def finish(self) -> None:
         """``pair_mean``: running stats ← mean over passes of the stats each pass would have set."""
-        if self.mode != "pair_mean" or not self.after:
+        if self.mode != "pair_mean" or self.total is None:
             return
-        for i, m in enumerate(self.modules):
-            mean = torch.stack([a[i][0] for a in self.after]).mean(0)
-            var = torch.stack([a[i][1] for a in self.after]).mean(0)
-            self._write(m, [mean, var, self.after[0][i][2]])
+        torch._foreach_mul_(self.total, 1.0 / self.passes)
+        torch._foreach_copy_(self.stats, self.total)
+        torch._foreach_add_(self.counts, 1)  # one step's worth
 
 
 class NSO(Regularizer):
@@ -82,56 +98,89 @@ class NSO(Regularizer):
     def __init__(self, cfg: NSOConfig) -> None:
         self.cfg = cfg
 
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        self.params: list[torch.Tensor] = [p for p in ctx.model.parameters() if p.requires_grad]
+        self.bns = batchnorms(ctx.model)
+        self._device_generator: torch.Generator | None = None
+        self._flat: torch.Tensor | None = None
+        self._saved: list[torch.Tensor] | None = None
+
     def params_passes(self) -> int:
         return 2 * self.cfg.k + (1 if self.cfg.lam > 0 else 0)
 
     def gradient(self, closure: Closure, epoch: int) -> torch.Tensor | None:
-        params = [p for p in self.ctx.model.parameters() if p.requires_grad]
-        sigma = sigma_at(self.cfg, epoch, self.ctx.epochs)
-        clean_stats = self.cfg.lam > 0 or self.cfg.bn_stats == "clean_forward"
-        guard = BatchNormGuard(self.ctx.model, "frozen" if clean_stats else self.cfg.bn_stats)
-        total = [torch.zeros_like(p) for p in params]
+        params, cfg = self.params, self.cfg
+        sigma = sigma_at(cfg, epoch, self.ctx.epochs)
+        clean_stats = cfg.lam > 0 or cfg.bn_stats == "clean_forward"
+        clean = self._clean_pass(closure) if clean_stats else None
+        guard = BatchNormGuard(self.bns, "frozen" if clean_stats else cfg.bn_stats)
+        saved = self._saved_weights()
+        for p in params:
+            p.grad = None  # the 2k passes accumulate Σ ∇f(W ± U_j) into .grad
         losses = []
-        for _ in range(self.cfg.k):
-            noise = [torch.randn(p.shape, generator=self.ctx.generator).to(p) * sigma for p in params]
+        for _ in range(cfg.k):
+            xi = self.draw_standard_normal()
             for sign in (1.0, -1.0):
-                losses.append(self._pass_at(params, noise, sign, closure, guard, total))
+                with torch.no_grad():
+                    torch._foreach_add_(params, xi, alpha=sign * sigma)  # W ± σξ
+                with guard.perturbed_pass():
+                    losses.append(closure().detach())
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved)
         guard.finish()
-        scale = (1.0 - self.cfg.lam) / (2 * self.cfg.k)
-        for p, g in zip(params, total, strict=True):
-            p.grad = g * scale
-        if clean_stats:
-            self._clean_pass(params, closure)
+        self._combine(clean, (1.0 - cfg.lam) / (2 * cfg.k))
         return torch.stack(losses).mean()
 
-    def _pass_at(
-        self, params: list[torch.Tensor], noise: list[torch.Tensor], sign: float,
-        closure: Closure, guard: BatchNormGuard, total: list[torch.Tensor],
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            for p, u in zip(params, noise, strict=True):
-                p.add_(u, alpha=sign)
-        for p in params:
-            p.grad = None
-        with guard.perturbed_pass():
-            loss = closure()
-        with torch.no_grad():
-            for p, u, g in zip(params, noise, total, strict=True):
-                p.sub_(u, alpha=sign)
-                if p.grad is not None:
-                    g.add_(p.grad)
-        return loss.detach()
+    def draw_standard_normal(self) -> list[torch.Tensor]:
+        """ξ for every trainable parameter: views of one flat standard-normal draw (U = σξ).
 
-    def _clean_pass(self, params: list[torch.Tensor], closure: Closure) -> None:
-        """λ > 0: add λ∇f(W); ``clean_forward``: a no-grad forward at W for BN statistics only."""
-        if self.cfg.lam == 0:
-            with torch.no_grad():
-                closure(backward=False)
-            return
-        noisy = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        closure()
-        for p, g in zip(params, noisy, strict=True):
-            clean = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.grad = clean * self.cfg.lam if g is None else g + clean * self.cfg.lam
+        The flat buffer is reused across steps (no allocation per step); filling it with
+        ``normal_`` gives the same numbers as ``torch.randn(N, generator=g, dtype=...)``.
+        """
+        first = self.params[0]
+        if self._flat is None:
+            size = sum(p.numel() for p in self.params)
+            self._flat = torch.empty(size, dtype=first.dtype, device=first.device)
+        self._flat.normal_(generator=self._generator(first.device))
+        views = self._flat.split([p.numel() for p in self.params])
+        return [v.view_as(p).to(p) for v, p in zip(views, self.params, strict=True)]
+
+    def _saved_weights(self) -> list[torch.Tensor]:
+        """A copy of W in buffers reused across steps; W is restored from it exactly."""
+        if self._saved is None:
+            self._saved = [p.detach().clone() for p in self.params]
+        else:
+            torch._foreach_copy_(self._saved, [p.detach() for p in self.params])
+        return self._saved
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.ctx.generator
+        if self._device_generator is None:
+            self._device_generator = torch.Generator(device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.ctx.generator))
+        return self._device_generator.manual_seed(seed)
+
+    def _combine(self, clean: list[torch.Tensor | None] | None, scale: float) -> None:
+        """.grad ← scale·Σ(perturbed gradients) [+ λ∇f(W)]; parameters no pass reached keep None."""
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
+        for p, g in zip(self.params, clean or [], strict=False):
+            if g is not None:
+                p.grad = g * self.cfg.lam if p.grad is None else p.grad.add_(g, alpha=self.cfg.lam)
+
+    def _clean_pass(self, closure: Closure) -> list[torch.Tensor | None] | None:
+        """Runs first, at W: λ > 0 returns ∇f(W); ``clean_forward`` is a no-grad forward only.
+
+        Running first also lets self-labeling see the clean logits.
+        """
+        frozen = BatchNormGuard(self.bns, "frozen") if self.cfg.bn_stats == "frozen" else None
+        with frozen.perturbed_pass() if frozen else nullcontext():
+            if self.cfg.lam == 0:
+                with torch.no_grad():
+                    closure(backward=False)
+                return None
+            for p in self.params:
+                p.grad = None
+            closure()
+        return [p.grad for p in self.params]

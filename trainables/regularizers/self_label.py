@@ -58,8 +58,8 @@ class SelfLabeling(Regularizer):
         if clean is not None:
             changed = labels != noisy
             was_wrong = noisy != clean
-            metrics["sl_precision"] = float((labels[changed] == clean[changed]).float().mean()) if changed.any() else float("nan")
-            metrics["sl_recall"] = float((labels[was_wrong] == clean[was_wrong]).float().mean()) if was_wrong.any() else float("nan")
+            metrics["sl_precision"] = _fraction(labels[changed] == clean[changed])
+            metrics["sl_recall"] = _fraction(labels[was_wrong] == clean[was_wrong])
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -67,3 +67,8 @@ class SelfLabeling(Regularizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ctx.labels.copy_(state["labels"])
+
+
+def _fraction(hits: torch.Tensor) -> float:
+    """Mean of a boolean tensor; NaN when it is empty (nothing to measure)."""
+    return float(hits.float().mean()) if hits.numel() else float("nan")

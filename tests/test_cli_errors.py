@@ -1,0 +1,119 @@
+"""Bad input: one clear line on stderr, exit status 2, nothing started or written (in-process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+BAD_SWEEPS = {
+    "unknown preset": (["--space", "nope"], "nope"),
+    "unknown objective": (["--objective", "sharpness"], "sharpness"),
+    "oracle objective": (["--objective", "oracle"], "oracle"),
+    "file tracking uri": (["--tracking-uri", "file:///tmp/mlruns"], "file"),
+    "relative sqlite uri": (["--tracking-uri", "sqlite:///mlflow.db"], "relative"),
+    "zero trials": (["--trials", "0"], "--trials 0"),
+    "bad noise": (["--noise", "symmetric:1.2"], "1.2"),
+    "missing task folder": (["--task", "imagefolder:/no/such/folder"], "/no/such/folder"),
+    "unknown model": (["--model", "resnet_nope"], "resnet_nope"),
+    "unknown scheduler": (["--scheduler", "pbt"], "pbt"),
+}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The CLI in-process (validation never starts Ray): exit status and stderr."""
+    from tuning.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+def test_bad_sweep_input_fails_fast_and_writes_nothing(
+    case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args, needle = BAD_SWEEPS[case]
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "sweep", *args, "--output", str(out))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "error" in lines[0] and needle in lines[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("params:\n  optim.lr: {float: [0.1, 0.01]}\n", "optim.lr"),
+        ("params:\n  optim.nope: {float: [0.1, 0.2]}\n", "optim.nope"),
+        ("params: [unclosed\n", "YAML"),
+    ],
+)
+def test_bad_space_file(text: str, needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    code, err = run_cli(capsys, "sweep", "--space", str(space), "--output", str(tmp_path / "out"))
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _empty_class_folder(tmp_path: Path) -> str:
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a" / "x.png")
+    return f"imagefolder:{tmp_path / 'img'}"
+
+
+BAD_TRAINS = {
+    "unknown config key": (["--set", "optim.lrr=1"], "optim.lrr"),
+    "unknown model": (["--model", "resnet_nope"], "resnet_nope"),
+    "unknown task": (["--task", "mnist"], "mnist"),
+    "missing dataset folder": (["--task", "cifar10:/no/such/dir"], "/no/such/dir"),
+    "noise rate outside [0, 1)": (["--noise", "pair:1.0"], "1.0"),
+    "negative noise rate": (["--noise", "symmetric:-0.1"], "-0.1"),
+    "sigma <= 0": (["--set", "nso.enabled=true", "--set", "nso.sigma=0"], "nso.sigma"),
+    "k < 1": (["--set", "nso.enabled=true", "--set", "nso.k=0"], "nso.k"),
+    "singular transition": (
+        [
+            "--set",
+            "consistent.enabled=true",
+            "--set",
+            "consistent.rate=0.8",
+            "--set",
+            "measure.enabled=false",
+            "--epochs",
+            "1",
+        ],
+        "singular",
+    ),
+    "nso and sam together": (["--set", "nso.enabled=true", "--set", "sam.enabled=true"], "nso and sam"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAINS))
+def test_bad_train_input(case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args, needle = BAD_TRAINS[case]
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "train", *args, "--output", str(out))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not out.exists()
+
+
+def test_empty_class_is_rejected(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run_cli(
+        capsys,
+        "train",
+        "--task",
+        _empty_class_folder(tmp_path),
+        "--pretrained",
+        "none",
+        "--output",
+        str(tmp_path / "out"),
+    )
+    assert code == 2 and "holds no images" in err and not (tmp_path / "out").exists()
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run_cli(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "nope.yaml" in err
