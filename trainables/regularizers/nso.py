@@ -53,19 +53,28 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 class BatchNormGuard:
     """Controls BatchNorm running statistics across several passes of one step.
 
-    Each perturbed pass runs with the statistics saved at construction and its own update is
-    undone afterwards; ``pair_mean`` keeps the sum of the updated mean/var for :meth:`finish`.
+    Each perturbed pass runs with the statistics snapshotted by :meth:`start` (or construction)
+    and its own update is undone afterwards; ``pair_mean`` keeps the sum of the updated mean/var
+    for :meth:`finish`. Buffers are allocated once, so a guard can be reused step after step.
     """
 
     def __init__(self, model: nn.Module | list[nn.modules.batchnorm._BatchNorm], mode: str) -> None:
         self.mode = mode
-        self.modules = model if isinstance(model, list) else batchnorms(model)
-        self.stats: list[torch.Tensor] = [s for m in self.modules for s in (m.running_mean, m.running_var)]  # type: ignore[misc]
-        self.counts: list[torch.Tensor] = [m.num_batches_tracked for m in self.modules]  # type: ignore[misc]
+        modules = model if isinstance(model, list) else batchnorms(model)
+        self.stats: list[torch.Tensor] = [s for m in modules for s in (m.running_mean, m.running_var)]  # type: ignore[misc]
+        self.counts: list[torch.Tensor] = [m.num_batches_tracked for m in modules]  # type: ignore[misc]
         self.saved = [s.clone() for s in self.stats]
         self.saved_counts = [c.clone() for c in self.counts]
-        self.total: list[torch.Tensor] | None = None
+        self.total = [torch.zeros_like(s) for s in self.stats] if mode == "pair_mean" else []
         self.passes = 0
+
+    def start(self) -> BatchNormGuard:
+        """Snapshot the current statistics at the start of a step."""
+        if self.stats:
+            torch._foreach_copy_(self.saved, self.stats)
+            torch._foreach_copy_(self.saved_counts, self.counts)
+        self.passes = 0
+        return self
 
     @contextmanager
     def perturbed_pass(self) -> Iterator[None]:
@@ -74,17 +83,17 @@ class BatchNormGuard:
         if not self.stats:
             return
         if self.mode == "pair_mean":
-            if self.total is None:
-                self.total = [s.clone() for s in self.stats]
+            if self.passes == 0:
+                torch._foreach_copy_(self.total, self.stats)
             else:
                 torch._foreach_add_(self.total, self.stats)
-            self.passes += 1
+        self.passes += 1
         torch._foreach_copy_(self.stats, self.saved)
         torch._foreach_copy_(self.counts, self.saved_counts)
 
     def finish(self) -> None:
         """``pair_mean``: running stats ← mean over passes of the stats each pass would have set."""
-        if self.mode != "pair_mean" or self.total is None:
+        if self.mode != "pair_mean" or not self.stats or self.passes == 0:
             return
         torch._foreach_mul_(self.total, 1.0 / self.passes)
         torch._foreach_copy_(self.stats, self.total)
@@ -102,6 +111,7 @@ class NSO(Regularizer):
         super().setup(ctx)
         self.params: list[torch.Tensor] = [p for p in ctx.model.parameters() if p.requires_grad]
         self.bns = batchnorms(ctx.model)
+        self.guard = BatchNormGuard(self.bns, "frozen" if self._clean_first else self.cfg.bn_stats)
         self._device_generator: torch.Generator | None = None
         self._flat: torch.Tensor | None = None
         self._saved: list[torch.Tensor] | None = None
@@ -109,25 +119,31 @@ class NSO(Regularizer):
     def params_passes(self) -> int:
         return 2 * self.cfg.k + (1 if self.cfg.lam > 0 else 0)
 
+    @property
+    def _clean_first(self) -> bool:
+        """A pass at W runs first: λ > 0 needs ∇f(W); ``clean_forward`` takes BN statistics there."""
+        return self.cfg.lam > 0 or self.cfg.bn_stats == "clean_forward"
+
     def gradient(self, closure: Closure, epoch: int) -> torch.Tensor | None:
         params, cfg = self.params, self.cfg
         sigma = sigma_at(cfg, epoch, self.ctx.epochs)
-        clean_stats = cfg.lam > 0 or cfg.bn_stats == "clean_forward"
-        clean = self._clean_pass(closure) if clean_stats else None
-        guard = BatchNormGuard(self.bns, "frozen" if clean_stats else cfg.bn_stats)
+        clean = self._clean_pass(closure) if self._clean_first else None
+        guard = self.guard.start()  # after the clean pass: perturbed passes restore its statistics
         saved = self._saved_weights()
         for p in params:
             p.grad = None  # the 2k passes accumulate Σ ∇f(W ± U_j) into .grad
         losses = []
         for _ in range(cfg.k):
             xi = self.draw_standard_normal()
-            for sign in (1.0, -1.0):
+            # W + σξ, then (W + σξ) − 2σξ = W − σξ up to an ulp (one op instead of restore + add;
+            # the estimator does not care), then W restored exactly from the saved copy.
+            for alpha in (sigma, -2.0 * sigma):
                 with torch.no_grad():
-                    torch._foreach_add_(params, xi, alpha=sign * sigma)  # W ± σξ
+                    torch._foreach_add_(params, xi, alpha=alpha)
                 with guard.perturbed_pass():
                     losses.append(closure().detach())
-                with torch.no_grad():
-                    torch._foreach_copy_(params, saved)
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
         guard.finish()
         self._combine(clean, (1.0 - cfg.lam) / (2 * cfg.k))
         return torch.stack(losses).mean()
@@ -164,7 +180,9 @@ class NSO(Regularizer):
 
     def _combine(self, clean: list[torch.Tensor | None] | None, scale: float) -> None:
         """.grad ← scale·Σ(perturbed gradients) [+ λ∇f(W)]; parameters no pass reached keep None."""
-        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], scale)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
         for p, g in zip(self.params, clean or [], strict=False):
             if g is not None:
                 p.grad = g * self.cfg.lam if p.grad is None else p.grad.add_(g, alpha=self.cfg.lam)
@@ -174,7 +192,7 @@ class NSO(Regularizer):
 
         Running first also lets self-labeling see the clean logits.
         """
-        frozen = BatchNormGuard(self.bns, "frozen") if self.cfg.bn_stats == "frozen" else None
+        frozen = self.guard.start() if self.cfg.bn_stats == "frozen" else None
         with frozen.perturbed_pass() if frozen else nullcontext():
             if self.cfg.lam == 0:
                 with torch.no_grad():
