@@ -65,7 +65,8 @@ def measure_model(
     transition: np.ndarray | None,
 ) -> dict[str, float]:
     """All end-of-trial measures as flat metrics (``measure``, ``bound``, ``h/<layer>``, ...)."""
-    from trainables.hessian import hessian_trace, layer_curvatures, top_eigenvalue
+    from trainables.hessian import hessian_trace, top_eigenvalue
+    from trainables.hessian.curvature import measure_layer_curvatures
 
     mc = cfg.measure
     device = next(model.parameters()).device
@@ -74,8 +75,8 @@ def measure_model(
     tic = time.perf_counter()
     idx = _subset(n, mc.samples, cfg.seed)
     batches = _batches(train.x[idx], train.labels[idx], device)
-    h_max = layer_curvatures(model, per_sample_ce, batches, reference, reduce="max")
-    h_mean = layer_curvatures(model, per_sample_ce, batches, reference, reduce="mean")
+    curv = measure_layer_curvatures(model, per_sample_ce, batches, reference)  # max and mean, one pass
+    h_max, h_mean = curv.max, curv.mean
     out: dict[str, float] = {
         "measure": sum(math.sqrt(v) for v in h_max.values()) / math.sqrt(n),
         "measure_mean": sum(math.sqrt(max(v, 0.0)) for v in h_mean.values()) / math.sqrt(n),
