@@ -1,0 +1,628 @@
+"""Analysis of the selection study: correlations, regret with confidence intervals, the
+no-validation comparison, figures, tables and the ``KEY: VALUE`` summary.
+
+Every number is a pure function of ``trials.csv`` (one row per candidate), so a test can
+re-derive any published cell. Conventions:
+
+- a *search* is (setting, size, seed, arm); statistics are computed per search, then summarised
+  over seeds as mean, sd and a 95 % t-interval (n = number of seeds, so 3 seeds → t = 4.30);
+- regret = best clean test accuracy among the search's candidates − the delivered one (mean
+  over exact ties, i.e. random tie-breaking);
+- a criterion with a constant gets it from the *other* seeds of the *other* settings of the same
+  arm (leave-one-seed-and-setting-out): the constant is never chosen on the data it is scored on;
+- "the best Hessian criterion" is itself chosen that way (lowest mean regret on the other seeds
+  and settings), so its reported regret is not a best-of-many maximum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from tuning.selection import granulated_kendall, kendall_tau, partial_kendall, spearman_rho
+
+from .criteria import CRITERIA, TUNED, bound_floor, delivered, guard_excess, pick
+from .design import Preset
+from .runner import load_rows
+
+__all__ = ["analyze", "correlation_table", "key_lines", "load_trials", "selection_table", "write_trials"]
+
+SEARCH = ["setting", "size", "seed", "arm"]
+# columns kept in trials.csv (the committed results), in this order
+COLUMNS = [
+    "trial_id",
+    "search",
+    "setting",
+    "kind",
+    "rate",
+    "size",
+    "seed",
+    "arm",
+    "run",
+    "epochs",
+    "method",
+    "lr",
+    "constraint_radius",
+    "constraint_growth",
+    "nso_sigma",
+    "self_label",
+    "n_train",
+    "n_val",
+    "num_classes",
+    "realised_noise",
+    "noise_entropy",
+    "noise_acc",
+    "F_min",
+    "train_loss",
+    "train_acc",
+    "train_acc_clean",
+    "memorized",
+    "val_acc",
+    "val_loss",
+    "test_acc",
+    "test_loss",
+    "test_loss_noisy",
+    "test_acc_noisy",
+    "gap",
+    "gap_clean",
+    "distance",
+    "measure",
+    "measure_mean",
+    "measure_p90",
+    "measure_p99",
+    "measure_noisy",
+    "measure_cleanlab",
+    "frac_max_noisy",
+    "curv_ratio_noisy",
+    "bound",
+    "bound_loss",
+    "bound_C",
+    "bound_fwd",
+    "test_bound_loss_noisy",
+    "test_bound_loss_clean",
+    "val_bound_loss",
+    "train_trunc",
+    "train_cons",
+    "test_trunc_clean",
+    "val_correct",
+    "train_s",
+    "measure_s",
+    "run_cpu_s",
+]
+MEASURES = ["measure", "bound", "bound_floor", "measure_mean", "measure_p99", "distance", "train_loss", "val_loss"]
+TARGETS = {"gap": "gap", "test_loss": "test_loss"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_trials(out: Path) -> pd.DataFrame:
+    """runs.jsonl → trials.csv (compact: 6 significant digits), returns the frame."""
+    frame = pd.DataFrame(load_rows(out / "runs.jsonl"))
+    for col in COLUMNS:
+        if col not in frame.columns:
+            frame[col] = np.nan
+    frame = frame[COLUMNS].sort_values(["setting", "size", "seed", "arm", "run", "epochs"]).reset_index(drop=True)
+    frame.to_csv(out / "trials.csv", index=False, float_format="%.6g")
+    return load_trials(out / "trials.csv")
+
+
+def load_trials(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype={"val_correct": str})
+    frame["bound_floor"] = bound_floor(frame)
+    frame["guard_excess"] = guard_excess(frame)
+    return frame
+
+
+def complete_searches(frame: pd.DataFrame) -> pd.DataFrame:
+    """Only searches whose runs all finished (same run count as the largest search of the preset)."""
+    counts = frame.groupby(SEARCH)["run"].nunique()
+    full = counts[counts == counts.max()].index
+    keep = frame.set_index(SEARCH).index.isin(full)
+    return frame[keep].reset_index(drop=True)
+
+
+def _searches(frame: pd.DataFrame) -> list[tuple[tuple[Any, ...], pd.DataFrame]]:
+    return [(key, group.reset_index(drop=True)) for key, group in frame.groupby(SEARCH, sort=True)]
+
+
+def _ci(values: Any) -> tuple[float, float, float, int]:
+    """(mean, sd, half-width of the 95 % t-interval, n) over finite values."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan, math.nan, 0
+    if v.size == 1:
+        return float(v[0]), math.nan, math.nan, 1
+    sd = float(v.std(ddof=1))
+    return float(v.mean()), sd, float(sps.t.ppf(0.975, v.size - 1) * sd / math.sqrt(v.size)), int(v.size)
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def search_correlations(group: pd.DataFrame) -> dict[str, float]:
+    """Per search: τ, ρ of each measure vs gap and clean test loss; partial τ given train loss;
+    granulated τ (axes: run = the other hyperparameters, epochs); how often B bounds the loss."""
+    out: dict[str, float] = {}
+    train_loss = group["train_loss"]
+    for m in MEASURES:
+        if group[m].isna().all():
+            continue
+        for tname, t in TARGETS.items():
+            out[f"tau/{m}/{tname}"] = kendall_tau(group[m], group[t])
+            out[f"rho/{m}/{tname}"] = spearman_rho(group[m], group[t])
+            out[f"ptau/{m}/{tname}"] = partial_kendall(group[m], group[t], train_loss)
+        gran = granulated_kendall(group.assign(trial_id=group["trial_id"].astype(str)), m, "gap", by=["run", "epochs"])
+        out[f"psi_run/{m}/gap"] = gran.per_axis["run"]
+        out[f"psi_epochs/{m}/gap"] = gran.per_axis["epochs"]
+        out[f"psi/{m}/gap"] = gran.mean
+    out["bound_holds"] = float((group["bound"] >= group["test_bound_loss_noisy"]).mean())
+    out["bound_holds_clean"] = float((group["bound"] >= group["test_bound_loss_clean"]).mean())
+    out["memorized_median"] = float(group["memorized"].median())
+    return out
+
+
+def correlation_table(frame: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for key, group in _searches(frame):
+        rows.append({**dict(zip(SEARCH, key, strict=True)), **search_correlations(group)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _choose_constant(
+    name: str, scores: dict[tuple[Any, ...], dict[float, float]], key: tuple[Any, ...]
+) -> tuple[float, str]:
+    """The grid value with the best mean accuracy on searches of other seeds *and* other settings
+    (same arm); only other seeds if no other setting exists yet. Ties → median tied value."""
+    setting, _size, seed, arm = key
+    pool = [k for k in scores if k[2] != seed and k[0] != setting and k[3] == arm]
+    source = "other seeds+settings"
+    if not pool:
+        pool = [k for k in scores if k[2] != seed and k[3] == arm]
+        source = "other seeds (same setting)"
+    grid = TUNED[name]
+    means = np.array([np.nanmean([scores[k][c] for k in pool]) if pool else math.nan for c in grid])
+    if not np.isfinite(means).any():
+        return grid[len(grid) // 2], "default"
+    best = np.flatnonzero(means >= np.nanmax(means) - 1e-12)
+    return float(grid[best[len(best) // 2]]), source
+
+
+def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Long table: one row per (search, criterion) with delivered test accuracy and regret."""
+    searches = _searches(frame)
+    tuned_scores: dict[str, dict[tuple[Any, ...], dict[float, float]]] = {name: {} for name in TUNED}
+    for key, group in searches:
+        for name, grid in TUNED.items():
+            tuned_scores[name][key] = {c: delivered(group, pick(name, group, c)) for c in grid}
+    rows = []
+    for key, group in searches:
+        oracle = float(group["test_acc"].max())
+        base = {**dict(zip(SEARCH, key, strict=True)), "oracle": oracle, "mean_acc": float(group["test_acc"].mean())}
+        for name, (spec, _) in CRITERIA.items():
+            constant, source = (None, "")
+            if name in TUNED:
+                constant, source = _choose_constant(name, tuned_scores[name], key)
+            picks = pick(name, group, constant)
+            acc = delivered(group, picks)
+            rows.append(
+                {
+                    **base,
+                    "criterion": name,
+                    "hessian": spec.hessian,
+                    "needs_val": spec.needs_val,
+                    "acc": acc,
+                    "regret": oracle - acc,
+                    "memorized": delivered(group, picks, "memorized"),
+                    "n_picks": len(picks),
+                    "constant": constant,
+                    "constant_from": source,
+                }
+            )
+        rows.append(
+            {
+                **base,
+                "criterion": "random",
+                "hessian": False,
+                "needs_val": False,
+                "acc": base["mean_acc"],
+                "regret": oracle - base["mean_acc"],
+                "n_picks": len(group),
+            }
+        )
+    table = pd.DataFrame(rows)
+    return pd.concat([table, _best_hessian_rows(table)], ignore_index=True)
+
+
+def _best_hessian_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """'hessian_best' (any criterion using M) and 'hessian_best_labelfree' (no held-out split):
+    the criterion is chosen on other seeds and settings of the same arm (lowest mean regret)."""
+    rows = []
+    for label, pool_filter in (
+        ("hessian_best", lambda t: t["hessian"]),
+        ("hessian_best_labelfree", lambda t: t["hessian"] & ~t["needs_val"]),
+    ):
+        cands = table[pool_filter(table) & table["regret"].notna()]
+        for key, group in cands.groupby(SEARCH):
+            setting, _size, seed, arm = key
+            other = cands[(cands["seed"] != seed) & (cands["setting"] != setting) & (cands["arm"] == arm)]
+            source = "other seeds+settings"
+            if other.empty:
+                other = cands[(cands["seed"] != seed) & (cands["arm"] == arm)]
+                source = "other seeds (same setting)"
+            if other.empty:
+                continue
+            chosen = other.groupby("criterion")["regret"].mean().idxmin()
+            row = group[group["criterion"] == chosen].iloc[0].to_dict()
+            row.update({"criterion": label, "chosen": chosen, "constant_from": source})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame, value: str = "regret") -> pd.DataFrame:
+    """Mean, sd, 95 % CI half-width and n over seeds, per (setting, size, arm, criterion)."""
+    rows = []
+    for key, group in table.groupby(["setting", "size", "arm", "criterion"], sort=False):
+        mean, sd, half, n = _ci(group[value])
+        rows.append(
+            {
+                **dict(zip(["setting", "size", "arm", "criterion"], key, strict=True)),
+                "mean": mean,
+                "sd": sd,
+                "ci": half,
+                "n": n,
+                "max": float(group[value].max()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- no validation split
+
+
+def no_val_table(frame: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, size, seed) with both arms: delivered clean accuracy of
+    (a) a criterion on pool-trained candidates, (b) val_acc on train-part candidates,
+    (c) the val_acc pick(s) retrained on the pool (same config and epochs), and the pool oracle."""
+    rows = []
+    for key, group in frame.groupby(["setting", "size", "seed"]):
+        tv = group[group["arm"] == "tv"].reset_index(drop=True)
+        pool = group[group["arm"] == "pool"].reset_index(drop=True)
+        if tv.empty or pool.empty:
+            continue
+        base = dict(zip(["setting", "size", "seed"], key, strict=True))
+        picks = pick("val_acc", tv, None)
+        b = delivered(tv, picks)
+        lookup = pool.set_index(["run", "epochs"])["test_acc"]
+        retrained = [lookup.get((tv["run"][i], tv["epochs"][i]), math.nan) for i in picks]
+        c = float(np.nanmean(retrained))
+        rows.append({**base, "procedure": "(b) val_acc, train part", "acc": b})
+        rows.append({**base, "procedure": "(c) val_acc → retrain on pool", "acc": c})
+        rows.append({**base, "procedure": "oracle (pool)", "acc": float(pool["test_acc"].max())})
+        rows.append({**base, "procedure": "median config (pool)", "acc": float(pool["test_acc"].median())})
+        sel = table[
+            (table["arm"] == "pool")
+            & (table["setting"] == key[0])
+            & (table["size"] == key[1])
+            & (table["seed"] == key[2])
+        ]
+        for _, r in sel.iterrows():
+            if r["needs_val"] or r["criterion"] == "random":
+                continue
+            rows.append({**base, "procedure": f"(a) {r['criterion']} on pool", "acc": r["acc"]})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    ref = out[out["procedure"] == "(b) val_acc, train part"].set_index(["setting", "size", "seed"])["acc"]
+    refc = out[out["procedure"] == "(c) val_acc → retrain on pool"].set_index(["setting", "size", "seed"])["acc"]
+    idx = list(zip(out["setting"], out["size"], out["seed"], strict=True))
+    out["delta_b"] = out["acc"].to_numpy() - ref.reindex(idx).to_numpy()
+    out["delta_c"] = out["acc"].to_numpy() - refc.reindex(idx).to_numpy()
+    return out
+
+
+def subsearch_table(
+    frame: pd.DataFrame, criteria: list[str], k: int, draws: int = 200, arm: str = "tv"
+) -> pd.DataFrame:
+    """Random sub-searches of k runs (all their checkpoints): mean regret per criterion and the
+    fraction of sub-searches in which it does at least as well as val_acc (a-priori criteria only)."""
+    rows = []
+    for key, group in _searches(frame[frame["arm"] == arm]):
+        runs = np.sort(group["run"].unique())
+        if len(runs) <= k:
+            continue
+        rng = np.random.default_rng(abs(hash(key)) % 2**32)
+        regrets: dict[str, list[float]] = {c: [] for c in criteria}
+        for _ in range(draws):
+            chosen = rng.choice(runs, size=k, replace=False)
+            sub = group[group["run"].isin(chosen)].reset_index(drop=True)
+            oracle = sub["test_acc"].max()
+            for c in criteria:
+                regrets[c].append(oracle - delivered(sub, pick(c, sub, None)))
+        ref = np.array(regrets.get("val_acc", [math.nan] * draws))
+        for c in criteria:
+            r = np.array(regrets[c])
+            rows.append(
+                {
+                    **dict(zip(SEARCH, key, strict=True)),
+                    "criterion": c,
+                    "k": k,
+                    "regret": float(np.nanmean(r)),
+                    "p_le_val": float(np.mean(r <= ref + 1e-12)) if np.isfinite(ref).all() else math.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def draw_figures(frame: pd.DataFrame, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    tv = frame[frame["arm"] == "tv"]
+    settings = [s for s in dict.fromkeys(tv["setting"])]
+    for x, y, name, xlabel, ylabel, diag in (
+        (
+            "measure",
+            "gap",
+            "measure_vs_gap.png",
+            "M (Hessian distance measure)",
+            "gap = noisy test CE − train CE",
+            False,
+        ),
+        (
+            "bound",
+            "test_bound_loss_noisy",
+            "bound_vs_test_loss.png",
+            "B = L̂ + √C·M",
+            "same loss on noisy test labels",
+            True,
+        ),
+    ):
+        sizes = list(dict.fromkeys(tv["size"]))
+        fig, axes = plt.subplots(
+            len(sizes),
+            len(settings),
+            figsize=(2.3 * len(settings), 2.2 * len(sizes)),
+            squeeze=False,
+            sharex=False,
+            sharey=False,
+        )
+        for i, size in enumerate(sizes):
+            for j, setting in enumerate(settings):
+                ax = axes[i][j]
+                g = tv[(tv["setting"] == setting) & (tv["size"] == size)]
+                if g.empty:
+                    ax.axis("off")
+                    continue
+                sc = ax.scatter(g[x], g[y], c=g["memorized"], s=5, cmap="viridis", vmin=0, vmax=1)
+                if diag:
+                    lo, hi = float(min(g[x].min(), g[y].min())), float(max(g[x].max(), g[y].max()))
+                    ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+                tau = np.mean([kendall_tau(s[x], s[y]) for _, s in g.groupby("seed")])
+                ax.set_title(f"{setting} {size}\nτ={tau:.2f}", fontsize=7)
+                ax.tick_params(labelsize=6)
+                if i == len(sizes) - 1:
+                    ax.set_xlabel(xlabel, fontsize=6)
+                if j == 0:
+                    ax.set_ylabel(ylabel, fontsize=6)
+        fig.colorbar(sc, ax=axes, shrink=0.6, label="memorised fraction of noisy labels")
+        path = folder / name
+        fig.savefig(path, dpi=72)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    if not math.isfinite(half):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
+
+
+ORDER = [
+    "val_acc",
+    "val_loss",
+    "val_band_bound",
+    "val_band_measure",
+    "val_band_bound_tuned",
+    "bound",
+    "bound_floor",
+    "guard_bound",
+    "guard_measure",
+    "measure_at_fit",
+    "measure",
+    "bound_trunc",
+    "bound_cons",
+    "guard_train_loss",
+    "distance",
+    "train_loss",
+    "random",
+    "hessian_best",
+    "hessian_best_labelfree",
+]
+
+
+def regret_markdown(summary: pd.DataFrame, arm: str) -> str:
+    """Criteria × (setting, size): mean regret ± 95 % CI half-width over seeds, in points."""
+    s = summary[summary["arm"] == arm]
+    cols = list(dict.fromkeys(zip(s["setting"], s["size"], strict=True)))
+    lines = ["| criterion | " + " | ".join(f"{a} {b}" for a, b in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for c in ORDER:
+        cells = []
+        for setting, size in cols:
+            r = s[(s["criterion"] == c) & (s["setting"] == setting) & (s["size"] == size)]
+            cells.append(_fmt(float(r["mean"].iloc[0]), float(r["ci"].iloc[0])) if len(r) else "–")
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def correlation_markdown(corr: pd.DataFrame, setting: str, size: str, arm: str = "tv") -> str:
+    g = corr[(corr["setting"] == setting) & (corr["size"] == size) & (corr["arm"] == arm)]
+    head = "| measure | τ gap | ρ gap | partial τ gap \\| train loss | τ clean test loss | Ψ run | Ψ epochs |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for m in MEASURES:
+        if f"tau/{m}/gap" not in g:
+            continue
+
+        def cell(col: str, _g: pd.DataFrame = g) -> str:
+            mean, _sd, half, _n = _ci(_g[col])
+            return _fmt(mean, half, scale=1.0, digits=2)
+
+        lines.append(
+            f"| {m} | {cell(f'tau/{m}/gap')} | {cell(f'rho/{m}/gap')} | {cell(f'ptau/{m}/gap')} | "
+            f"{cell(f'tau/{m}/test_loss')} | {cell(f'psi_run/{m}/gap')} | {cell(f'psi_epochs/{m}/gap')} |"
+        )
+    return "\n".join(lines)
+
+
+def no_val_markdown(nv: pd.DataFrame) -> str:
+    lines = []
+    for (setting, size), g in nv.groupby(["setting", "size"], sort=False):
+        lines += [
+            f"\n**{setting}, {size}** (n seeds = {g['seed'].nunique()})\n",
+            "| procedure | clean acc (mean ± CI) | Δ vs (b) | Δ vs (c) | per seed |",
+            "|---|---|---|---|---|",
+        ]
+        stats = []
+        for proc, p in g.groupby("procedure"):
+            m, _, h, _ = _ci(p["acc"])
+            db, _, hb, _ = _ci(p["delta_b"])
+            dc, _, hc, _ = _ci(p["delta_c"])
+            stats.append(
+                (m, proc, h, db, hb, dc, hc, " / ".join(f"{a * 100:.1f}" for a in p.sort_values("seed")["acc"]))
+            )
+        for m, proc, h, db, hb, dc, hc, per in sorted(stats, key=lambda t: -t[0]):
+            lines.append(f"| {proc} | {_fmt(m, h)} | {_fmt(db, hb)} | {_fmt(dc, hc)} | {per} |")
+    return "\n".join(lines)
+
+
+def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, setting: str = "symmetric40") -> list[str]:
+    """The issue's KEY: VALUE lines (means over seeds, full size, tv arm) plus context keys."""
+    out: dict[str, Any] = {}
+
+    def mean(values: Any) -> float:
+        return float(np.nanmean(values)) if len(values) else math.nan
+
+    for size, suffix in (("full", ""), ("half", "_half")):
+        c = corr[(corr["setting"] == setting) & (corr["size"] == size) & (corr["arm"] == "tv")]
+        t = table[(table["setting"] == setting) & (table["size"] == size) & (table["arm"] == "tv")]
+        if c.empty:
+            continue
+        out[f"kendall_tau_measure_gap_noise40{suffix}"] = mean(c["tau/measure/gap"])
+        out[f"partial_tau_measure_gap_noise40{suffix}"] = mean(c["ptau/measure/gap"])
+        out[f"kendall_tau_bound_gap_noise40{suffix}"] = mean(c["tau/bound/gap"])
+        hb = t[t["criterion"] == "hessian_best"]
+        out[f"regret_hessian_noise40{suffix}"] = mean(hb["regret"])
+        out[f"hessian_criterion_noise40{suffix}"] = ",".join(
+            sorted(set(hb.get("chosen", pd.Series(dtype=str)).dropna()))
+        )
+        hl = t[t["criterion"] == "hessian_best_labelfree"]
+        out[f"regret_hessian_labelfree_noise40{suffix}"] = mean(hl["regret"])
+        out[f"hessian_labelfree_criterion_noise40{suffix}"] = ",".join(
+            sorted(set(hl.get("chosen", pd.Series(dtype=str)).dropna()))
+        )
+        for name in ("bound", "measure", "bound_floor", "guard_bound", "val_band_bound"):
+            out[f"regret_{name}_noise40{suffix}"] = mean(t[t["criterion"] == name]["regret"])
+        out[f"regret_val_noisy_noise40{suffix}"] = mean(t[t["criterion"] == "val_acc"]["regret"])
+        out[f"bound_holds_fraction_noise40{suffix}"] = mean(c["bound_holds"])
+        n = nv[(nv["setting"] == setting) & (nv["size"] == size)] if not nv.empty else nv
+        if not n.empty:
+            for proc, label in (
+                ("(b) val_acc, train part", "noval_val_split_acc"),
+                ("(c) val_acc → retrain on pool", "noval_val_retrain_acc"),
+            ):
+                out[f"{label}_noise40{suffix}"] = mean(n[n["procedure"] == proc]["acc"])
+            for crit in ("bound", "bound_floor", "guard_bound"):
+                out[f"noval_{crit}_pool_acc_noise40{suffix}"] = mean(n[n["procedure"] == f"(a) {crit} on pool"]["acc"])
+    lines = []
+    for k, v in out.items():
+        lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return lines
+
+
+def analyze(
+    out: Path, *, preset: Preset | None = None, figures: Path | None = None, subsearch_k: int | None = 6
+) -> list[str]:
+    """Everything from ``out/runs.jsonl`` (or an existing ``trials.csv``): tables.md, summary.json,
+    selection.csv, correlations.csv, figures; returns the printed summary lines."""
+    trials_path = out / "trials.csv"
+    frame = write_trials(out) if (out / "runs.jsonl").is_file() else load_trials(trials_path)
+    frame = complete_searches(frame)
+    corr = correlation_table(frame)
+    table = selection_table(frame)
+    summ = summarise(table)
+    nv = no_val_table(frame, table)
+    fig_paths = draw_figures(frame, figures) if figures is not None else []
+    parts = [
+        f"# Selection study: {preset.name if preset else out.name}",
+        "",
+        f"{frame['search'].nunique()} searches, {len(frame)} candidates.",
+        "",
+    ]
+    for arm in ("tv", "pool"):
+        if (summ["arm"] == arm).any():
+            parts += [f"## Regret (points of clean test accuracy), arm {arm}", "", regret_markdown(summ, arm), ""]
+    for (setting, size), _ in corr[corr["arm"] == "tv"].groupby(["setting", "size"], sort=False):
+        parts += [f"## Correlations, {setting} {size} (tv arm)", "", correlation_markdown(corr, setting, size), ""]
+        bh = corr[(corr["setting"] == setting) & (corr["size"] == size) & (corr["arm"] == "tv")]["bound_holds"]
+        parts += [
+            f"B ≥ noisy test loss (same loss) in {bh.mean() * 100:.0f} % of candidates (per seed: "
+            + " / ".join(f"{v * 100:.0f}" for v in bh)
+            + ")",
+            "",
+        ]
+    if not nv.empty:
+        parts += ["## No validation split (pool arm)", no_val_markdown(nv), ""]
+    sub = pd.DataFrame()
+    if subsearch_k:
+        apriori = [c for c in CRITERIA if c not in TUNED]
+        sub = subsearch_table(frame, apriori, subsearch_k)
+        if not sub.empty:
+            agg = (
+                sub.groupby(["setting", "size", "criterion"], sort=False)
+                .agg(regret=("regret", "mean"), p=("p_le_val", "mean"))
+                .reset_index()
+            )
+            parts += [f"## Sub-searches of {subsearch_k} runs (tv arm): mean regret / P(regret ≤ val_acc's)", ""]
+            cols = list(dict.fromkeys(zip(agg["setting"], agg["size"], strict=True)))
+            parts += ["| criterion | " + " | ".join(f"{a} {b}" for a, b in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for c in [c for c in ORDER if c in set(agg["criterion"])]:
+                cells = []
+                for s_, z_ in cols:
+                    r = agg[(agg["criterion"] == c) & (agg["setting"] == s_) & (agg["size"] == z_)]
+                    cells.append(f"{r['regret'].iloc[0] * 100:.1f} / {r['p'].iloc[0]:.2f}" if len(r) else "–")
+                parts.append(f"| {c} | " + " | ".join(cells) + " |")
+            parts.append("")
+    keys = key_lines(corr, table, nv)
+    (out / "tables.md").write_text("\n".join(parts) + "\n")
+    corr.to_csv(out / "correlations.csv", index=False, float_format="%.4g")
+    table.to_csv(out / "selection.csv", index=False, float_format="%.4g")
+    if not nv.empty:
+        nv.to_csv(out / "no_val.csv", index=False, float_format="%.4g")
+    if not sub.empty:
+        sub.to_csv(out / "subsearch.csv", index=False, float_format="%.4g")
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in (line.split(": ", 1) for line in keys)}, indent=1))
+    return [*parts, *(f"figure: {p}" for p in fig_paths), "", *keys]

@@ -1,0 +1,336 @@
+"""Train the study's runs in-process and record one row per (run, checkpoint epoch).
+
+Each run goes through :func:`trainables.loop.fine_tune` (the product's loop, one torch thread),
+with the loop's own end-of-run measure switched off: at every checkpoint epoch the runner rebuilds
+the model from the epoch's checkpoint state and computes
+
+- the per-sample, per-layer curvatures q_ij = v_iᵀ H_ii(x_j, y_j) v_i over the whole training
+  set with the engine's exact per-batch routine (the one behind ``measure_layer_curvatures``),
+  hence M = Σ_i √max_j max(q_ij, 0) / √n exactly as :func:`trainables.measures.measure_model`
+  computes it (a test checks the two agree), plus robust aggregations and diagnostics;
+- B with :func:`trainables.measures.bound_terms` (the product's B: forward-corrected loss where
+  the transition matrix F is known and positive, else CE truncated at 2 log K), and the same loss
+  on the noisy test and validation labels (to check whether B is an upper bound);
+- the primitives of the post-hoc criteria (criteria.py): truncated CE, the backward-corrected
+  (consistent) loss, the noise entropy and noise-consistent accuracy implied by F, and the
+  per-sample validation correctness (hex bit string) for paired validation bands.
+
+Per-run raw outputs (logits on every split, per-sample curvatures, labels) go to ``raw_dir`` as
+``.npz`` when given, so that new criteria can be computed later without re-training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .design import Job, method_name, sample_config
+
+__all__ = ["record_run", "run_jobs"]
+
+_DATA: dict[str, Any] = {}
+
+
+def _task_data(cfg: Any) -> Any:
+    from trainables.data import load_task
+
+    key = repr(cfg.task)
+    if key not in _DATA:
+        _DATA.clear()  # one task at a time per worker keeps memory flat
+        _DATA[key] = load_task(cfg.task)
+    return _DATA[key]
+
+
+def per_sample_curvatures(
+    model: Any, reference: dict[str, Any], x: Any, y: Any, batch: int = 64
+) -> tuple[list[str], Any]:
+    """q [L, n] (float64) for the default measure layers, in eval mode, exact (engine routine)."""
+    import torch
+
+    from trainables.hessian._model import evaluation_mode, resolve_names
+    from trainables.hessian.curvature import _batch_curvatures, _Layers, _make_plan
+    from trainables.measures import per_sample_ce
+
+    names = resolve_names(model, None)
+    layers = _Layers(model, names, reference)
+    out = []
+    with evaluation_mode(model), torch.no_grad():
+        plan = None
+        for xb, yb in zip(x.split(batch), y.split(batch), strict=True):
+            plan = plan or _make_plan(layers, xb, "auto")
+            out.append(_batch_curvatures(layers, plan, per_sample_ce, xb, yb).to(torch.float64))
+    return names, torch.cat(out, dim=1)
+
+
+def _measure_stats(q: Any, n: int, noisy: Any) -> dict[str, float]:
+    """M and its variants from per-sample curvatures q [L, n]."""
+    import torch
+
+    clipped = q.clamp(min=0)
+    root_n = math.sqrt(n)
+
+    def agg(values: Any) -> float:
+        return float(values.clamp(min=0).sqrt().sum()) / root_n
+
+    stats = {
+        "measure": agg(clipped.max(dim=1).values),
+        "measure_mean": agg(q.mean(dim=1)),
+        "measure_p90": agg(torch.quantile(clipped, 0.9, dim=1)),
+        "measure_p99": agg(torch.quantile(clipped, 0.99, dim=1)),
+    }
+    if bool(noisy.any()) and bool((~noisy).any()):
+        stats["measure_noisy"] = agg(clipped[:, noisy].max(dim=1).values)
+        stats["measure_cleanlab"] = agg(clipped[:, ~noisy].max(dim=1).values)
+        stats["frac_max_noisy"] = float(noisy[clipped.argmax(dim=1)].float().mean())
+        share = clipped.sqrt().sum(dim=0)
+        stats["curv_ratio_noisy"] = float(share[noisy].mean() / share[~noisy].mean().clamp(min=1e-30))
+    return stats
+
+
+def _noise_constants(transition: np.ndarray | None, k: int) -> dict[str, float]:
+    """What F implies: noise entropy H_F (mean row entropy, nats), noise-consistent accuracy A_F."""
+    if transition is None:
+        return {"noise_entropy": 0.0, "noise_acc": 1.0, "F_min": 0.0, "F_cond": 1.0}
+    f = np.asarray(transition, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows = -np.nansum(np.where(f > 0, f * np.log(f), 0.0), axis=1)
+    return {
+        "noise_entropy": float(rows.mean()),
+        "noise_acc": float(np.diag(f).mean()),
+        "F_min": float(f.min()),
+        "F_cond": float(np.linalg.cond(f)),
+    }
+
+
+def _consistent_loss(logits: Any, labels: Any, transition: np.ndarray | None, cap: float) -> float:
+    """Mean backward-corrected loss Σ_c (F⁻¹)_{ỹ,c} min(−log p_c, cap) (Ju et al.; SPEC §3.3).
+
+    Per-class losses are clipped at ``cap`` first (the raw consistent loss is unbounded below for a
+    model that fits a noisy label, because off-diagonal entries of F⁻¹ are negative).
+    """
+    import torch
+
+    if transition is None:
+        return float(torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none").clamp(max=cap).mean())
+    if np.linalg.cond(transition) > 1e8:
+        return math.nan
+    inv = torch.as_tensor(np.linalg.inv(transition), dtype=torch.float64)
+    per_class = (-torch.log_softmax(logits.double(), dim=1)).clamp(max=cap)
+    return float((inv[labels] * per_class).sum(dim=1).mean())
+
+
+def _bits(correct: Any) -> str:
+    return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
+
+
+def _checkpoint_row(
+    model: Any, reference: dict[str, Any], data: Any, transition: np.ndarray | None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    import torch.nn.functional as F
+
+    from trainables.loop import predict
+    from trainables.measures import bound_terms
+
+    tic = time.perf_counter()
+    k = data.num_classes
+    train, test = data.train, data.test
+    n = len(train)
+    noisy = train.noise_mask
+    names, q = per_sample_curvatures(model, reference, train.x, train.labels)
+    row: dict[str, Any] = _measure_stats(q, n, noisy)
+    logits = {"train": predict(model, train.x), "test": predict(model, test.x)}
+    if data.val is not None:
+        logits["val"] = predict(model, data.val.x)
+    loss_hat, c, kind = bound_terms(logits["train"], train.labels, transition, None)
+    row.update(
+        {
+            "bound": loss_hat + math.sqrt(c) * row["measure"],
+            "bound_loss": loss_hat,
+            "bound_C": c,
+            "bound_fwd": 1.0 if kind == "fwd" else 0.0,
+            "test_bound_loss_noisy": bound_terms(logits["test"], data.test_noisy, transition, None)[0],
+            "test_bound_loss_clean": bound_terms(logits["test"], test.clean, transition, None)[0],
+        }
+    )
+    cap = 2.0 * math.log(k)
+    row["train_trunc"] = float(
+        F.cross_entropy(logits["train"].double(), train.labels, reduction="none").clamp(max=cap).mean()
+    )
+    row["train_cons"] = _consistent_loss(logits["train"], train.labels, transition, cap)
+    row["test_trunc_clean"] = float(
+        F.cross_entropy(logits["test"].double(), test.clean, reduction="none").clamp(max=cap).mean()
+    )
+    if data.val is not None:
+        row["val_bound_loss"] = bound_terms(logits["val"], data.val.labels, transition, None)[0]
+        row["val_correct"] = _bits(logits["val"].argmax(1) == data.val.labels)
+    row["measure_s"] = time.perf_counter() - tic
+    raw = {f"logits_{split}": v.numpy().astype(np.float32) for split, v in logits.items()}
+    raw["q"] = q.numpy().astype(np.float32)
+    raw["layers"] = np.array(names)
+    return row, raw
+
+
+def record_run(
+    job: Job, raw_dir: str | Path | None = None, log: Callable[[str], None] = lambda _: None
+) -> list[dict[str, Any]]:
+    """Train ``job`` once; one row per checkpoint epoch (see the module docstring)."""
+    import torch
+
+    from trainables.config import RunConfig
+    from trainables.loop import DivergedError, fine_tune
+    from trainables.models import create_model
+
+    torch.set_num_threads(1)
+    sampled = sample_config(job.seed, job.run)
+    cfg = RunConfig().replace(**job.overrides())
+    data = _task_data(cfg)
+    transition = data.transition
+    base = {
+        "search": job.search,
+        "setting": job.setting,
+        "kind": cfg.task.noise.kind,
+        "rate": cfg.task.noise.rate,
+        "size": job.size,
+        "seed": job.seed,
+        "arm": job.arm,
+        "run": job.run,
+        "method": method_name(sampled),
+        "lr": cfg.optim.lr,
+        "constraint_radius": cfg.constraint.radius if cfg.constraint.enabled else math.nan,
+        "constraint_growth": cfg.constraint.growth if cfg.constraint.enabled else math.nan,
+        "nso_sigma": cfg.nso.sigma if cfg.nso.enabled else math.nan,
+        "self_label": float(cfg.self_label.enabled),
+        "n_train": len(data.train),
+        "n_val": 0 if data.val is None else len(data.val),
+        "num_classes": data.num_classes,
+        "realised_noise": data.realised_noise,
+        **_noise_constants(transition, data.num_classes),
+    }
+    model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size)
+    rows, raws = [], {}
+    tic = time.perf_counter()
+    try:
+        for result in fine_tune(cfg, data=data, log=log):
+            if result.epoch not in job.checkpoints:
+                continue
+            train_s = time.perf_counter() - tic
+            state = result.state()
+            model.load_state_dict(state["model"])
+            measured, raw = _checkpoint_row(model, state["reference"], data, transition)
+            engine = {k: v for k, v in result.metrics.items() if not k.startswith(("dist/", "sl_"))}
+            row = {**base, "epochs": result.epoch, "trial_id": f"{job.key}-e{result.epoch}", **engine, **measured}
+            row["train_s"] = train_s
+            rows.append(row)
+            raws.update({f"e{result.epoch}_{k}": v for k, v in raw.items()})
+            tic = time.perf_counter()
+    except DivergedError as err:  # recorded as missing checkpoints; the analysis counts them
+        log(f"{job.key}: diverged ({err})")
+    if raw_dir is not None and raws:
+        path = Path(raw_dir) / f"{job.key}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = {
+            "train_clean": data.train.clean.numpy(),
+            "train_noisy": data.train.labels.numpy(),
+            "test_clean": data.test.clean.numpy(),
+            "test_noisy": data.test_noisy.numpy(),
+        }
+        if data.val is not None:
+            labels.update({"val_clean": data.val.clean.numpy(), "val_noisy": data.val.labels.numpy()})
+        np.savez_compressed(path, **raws, **labels)
+    return rows
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _work(args: tuple[Job, str | None]) -> tuple[str, list[dict[str, Any]], float]:
+    job, raw_dir = args
+    tic, cpu = time.perf_counter(), time.process_time()
+    rows = record_run(job, raw_dir)
+    for row in rows:
+        row["run_cpu_s"] = time.process_time() - cpu  # CPU seconds of the whole run (idle-machine cost)
+    return job.key, rows, time.perf_counter() - tic
+
+
+def run_jobs(
+    todo: Iterable[Job],
+    store: Path,
+    *,
+    workers: int = 2,
+    raw_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Run every job not yet in ``store`` (JSON lines, one per finished run); returns how many ran.
+
+    Resumable: a run is appended to ``store`` only when it finished, so an interrupted study
+    continues where it stopped. ``workers`` processes, one torch thread each.
+    """
+    done = finished_keys(store)
+    pending = [job for job in todo if job.key not in done]
+    if not pending:
+        return 0
+    store.parent.mkdir(parents=True, exist_ok=True)
+    raw = None if raw_dir is None else str(raw_dir)
+    started = time.perf_counter()
+    count = 0
+
+    def save(key: str, rows: list[dict[str, Any]], seconds: float) -> None:
+        nonlocal count
+        with store.open("a") as fh:
+            fh.write(json.dumps({"key": key, "seconds": seconds, "rows": rows}) + "\n")
+        count += 1
+        elapsed = time.perf_counter() - started
+        log(
+            f"[{count}/{len(pending)}] {key}: {len(rows)} checkpoints, {seconds:.0f} s (elapsed {elapsed / 60:.1f} min)"
+        )
+
+    if workers <= 1:
+        _worker_init()
+        for job in pending:
+            save(*_work((job, raw)))
+        return count
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        for key, rows, seconds in pool.imap_unordered(_work, [(job, raw) for job in pending], chunksize=1):
+            save(key, rows, seconds)
+    return count
+
+
+def finished_keys(store: Path) -> set[str]:
+    if not store.is_file():
+        return set()
+    keys = set()
+    for line in store.read_text().splitlines():
+        if line.strip():
+            try:
+                keys.add(json.loads(line)["key"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by a kill: that run is simply redone
+    return keys
+
+
+def load_rows(store: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for line in store.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry["key"] in seen:
+            continue
+        seen.add(entry["key"])
+        rows.extend(entry["rows"])
+    return rows

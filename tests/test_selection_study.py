@@ -1,0 +1,158 @@
+"""The selection study (benchmarks/selection_study.py): its criteria on hand-built searches, a
+smoke run of the whole pipeline, and a published number of docs/results.md re-derived from the
+stored results."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.study import analysis, criteria  # noqa: E402
+from benchmarks.study.design import PRESETS, Job, Setting, jobs, sample_config  # noqa: E402
+
+RESULTS = ROOT / "results" / "default"
+
+
+def _bits(correct: list[int]) -> str:
+    return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
+
+
+def _search(**columns: list[float]) -> pd.DataFrame:
+    """A 4-candidate search under 40 % symmetric noise (K = 5, n = 100): A_F = 0.6, H_F = 1.2275."""
+    base = {
+        "trial_id": ["a", "b", "c", "d"],
+        "n_train": [100] * 4,
+        "n_val": [8] * 4,
+        "num_classes": [5] * 4,
+        "noise_acc": [0.6] * 4,
+        "noise_entropy": [1.2275] * 4,
+        "bound_C": [math.log(10)] * 4,
+        "test_acc": [0.70, 0.90, 0.80, 0.60],
+        "memorized": [0.0] * 4,
+        "val_loss": [1.0, 1.1, 1.2, 1.3],
+        "val_acc": [0.5, 0.5, 0.5, 0.25],
+        "val_correct": [_bits([1, 1, 1, 1, 0, 0, 0, 0])] * 3 + [_bits([1, 1, 0, 0, 0, 0, 0, 0])],
+    }
+    base.update(columns)
+    return pd.DataFrame(base)
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+def test_bound_floor_caps_the_reward_for_fitting_noise() -> None:
+    frame = _search(bound_loss=[0.6, 1.3, 1.25, 2.0], measure=[0.1, 0.1, 0.2, 0.0])
+    expected = np.maximum(frame["bound_loss"], 1.2275) + math.sqrt(math.log(10)) * frame["measure"]
+    np.testing.assert_allclose(criteria.bound_floor(frame), expected)
+    # "a" fits below the noise entropy; with equal curvature it still wins after flooring
+    frame["bound"] = frame["bound_loss"] + math.sqrt(math.log(10)) * frame["measure"]
+    assert list(criteria.pick("bound", frame)) == [0]
+    assert list(criteria.pick("bound_floor", frame)) == [0]
+    frame.loc[0, "measure"] = 0.2  # more curvature: the floor removes a's loss advantage, b wins
+    frame["bound"] = frame["bound_loss"] + math.sqrt(math.log(10)) * frame["measure"]
+    assert list(criteria.pick("bound", frame)) == [0]
+    assert list(criteria.pick("bound_floor", frame)) == [1]
+
+
+def test_memorisation_guard_rejects_too_accurate_fits() -> None:
+    # allowed accuracy = 0.6 + 2·sqrt(0.24/100) = 0.698
+    frame = _search(
+        train_acc=[0.95, 0.69, 0.70, 0.5],
+        bound=[0.1, 0.5, 0.2, 0.9],
+        measure=[0.1, 0.3, 0.2, 0.05],
+        train_loss=[0.1, 1.0, 0.9, 1.5],
+    )
+    np.testing.assert_allclose(criteria.guard_excess(frame)[:2], [0.95 - 0.698, 0.69 - 0.698], atol=1e-3)
+    assert list(criteria.pick("bound", frame)) == [0]
+    assert list(criteria.pick("guard_bound", frame)) == [1]  # c (0.70) is just over the limit
+    assert list(criteria.pick("guard_measure", frame)) == [3]
+    assert list(criteria.pick("guard_train_loss", frame)) == [1]
+    frame["train_acc"] = [0.99, 0.98, 0.97, 0.96]  # all rejected: the least memorising one
+    assert list(criteria.pick("guard_bound", frame)) == [3]
+
+
+def test_val_band_is_paired_and_breaks_near_ties_by_the_bound() -> None:
+    frame = _search(bound=[3.0, 1.0, 2.0, 0.1], measure=[0.3, 0.1, 0.2, 0.0])
+    # a, b, c are identical on the validation sample; d loses 2 samples, wins none: 2 > 1·sqrt(2)
+    assert list(criteria.val_band(frame, z=1.0)) == [True, True, True, False]
+    assert list(criteria.val_band(frame, z=2.0)) == [True, True, True, True]
+    assert list(criteria.pick("val_band_bound", frame)) == [1]
+    assert list(criteria.pick("val_acc", frame)) == [0, 1, 2]  # a three-way tie: random tie-breaking
+    assert criteria.delivered(frame, criteria.pick("val_acc", frame)) == pytest.approx(0.8)
+
+
+def test_measure_at_fit_uses_the_band_then_the_nearest() -> None:
+    frame = _search(bound_loss=[0.2, 1.3, 1.1, 2.5], measure=[0.05, 0.4, 0.3, 0.01])
+    assert list(criteria.pick("measure_at_fit", frame, 0.2)) == [2]
+    assert list(criteria.pick("measure_at_fit", frame, 0.01)) == [1]  # empty band: nearest to H_F (1.3)
+
+
+def test_val_criteria_cannot_pick_without_a_validation_split() -> None:
+    frame = _search(bound=[1.0, 2.0, 3.0, 4.0])
+    frame["n_val"] = 0
+    assert len(criteria.pick("val_acc", frame)) == 0
+    assert math.isnan(criteria.delivered(frame, criteria.pick("val_band_bound", frame)))
+
+
+# --------------------------------------------------------------------------- design
+
+
+def test_config_sample_depends_on_seed_and_run_only() -> None:
+    assert sample_config(1, 3) == sample_config(1, 3)
+    assert sample_config(1, 3) != sample_config(2, 3)
+    a, b = Job("pair40", "full", 1, "tv", 3, (4,)), Job("symmetric20", "half", 1, "pool", 3, (4,))
+    shared = {k: v for k, v in a.overrides().items() if not k.startswith("task.")}
+    assert shared == {k: v for k, v in b.overrides().items() if not k.startswith("task.")}
+    assert Setting.parse("correlated60") == Setting("correlated", 0.6)
+    assert Setting.parse("clean").name == "clean"
+    default = jobs(PRESETS["default"])
+    assert default[0].setting == "symmetric40"  # the headline finishes first
+    assert {j.arm for j in default if j.setting != "symmetric40"} == {"tv"}
+
+
+def test_confidence_interval_is_a_t_interval() -> None:
+    mean, sd, half, n = analysis._ci([1.0, 2.0, 3.0])
+    assert (mean, sd, n) == (2.0, 1.0, 3)
+    assert half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path: Path) -> None:
+    """The smoke preset through run + analyze; the study's M equals the engine's M."""
+    from benchmarks import selection_study
+    from trainables.config import RunConfig
+    from trainables.loop import fine_tune
+
+    out = tmp_path / "smoke"
+    selection_study.main(
+        ["all", "--preset", "smoke", "--workers", "1", "--out", str(out), "--figures", str(tmp_path / "fig")]
+    )
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2 * 2 * 2  # 2 runs × 2 arms × 2 checkpoints
+    assert set(trials["arm"]) == {"tv", "pool"}
+    assert trials["val_acc"].isna().groupby(trials["arm"]).all().to_dict() == {"pool": True, "tv": False}
+    tables = (out / "tables.md").read_text()
+    assert "| val_acc |" in tables and "| bound |" in tables and "No validation split" in tables
+    assert (tmp_path / "fig" / "measure_vs_gap.png").is_file()
+    # the runner's per-sample curvatures give exactly the engine's M and B
+    job = Job("symmetric40", "tiny", 0, "tv", 1, (2,))
+    cfg = RunConfig().replace(
+        **{**job.overrides(), "measure.enabled": True, "measure.trace": False, "measure.eigenvalue": False}
+    )
+    final = list(fine_tune(cfg, log=lambda _: None))[-1].metrics
+    row = trials[(trials["arm"] == "tv") & (trials["run"] == 1) & (trials["epochs"] == 2)].iloc[0]
+    assert row["measure"] == pytest.approx(final["measure"], rel=1e-5)
+    assert row["bound"] == pytest.approx(final["bound"], rel=1e-5)
+    assert row["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
