@@ -309,7 +309,8 @@ def test_shortcut_is_used_exactly_where_exact() -> None:
     assert set(relu.methods.values()) == {"ggn"}
     smooth = measure_layer_curvatures(smooth_mlp(), cross_entropy, vector_batches(),
                                       perturbed_reference(smooth_mlp()))
-    assert set(smooth.methods.values()) == {"nested"}
+    # the head is linear in its own weight even after a GELU: the shortcut is exact there only
+    assert smooth.methods == {"0.weight": "nested", "2.weight": "nested", "4.weight": "ggn"}
     torch.manual_seed(12)
     hidden = HiddenTanh().to(DTYPE)
     mixed = measure_layer_curvatures(hidden, cross_entropy, vector_batches(), perturbed_reference(hidden))
@@ -358,7 +359,7 @@ def test_reverse_and_forward_output_tangents_agree() -> None:
     logits, tangents = reverse_output_jvps(model, x, layers)
     for name, (_, v) in layers.items():
         with torch.no_grad():
-            z, u = forward_output_jvp(model, name, params[name].detach(), v, x)
+            z, u = forward_output_jvp(model, {name: v}, {name: params[name].detach()}, x)
         torch.testing.assert_close(tangents[name], u)
         torch.testing.assert_close(logits, z)
 

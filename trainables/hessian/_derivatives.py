@@ -12,12 +12,16 @@ piecewise linear in W_i (ReLU, eval-mode BatchNorm, pooling, linear ops).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from trainables.hessian._model import LossFn, per_sample_losses
 
@@ -125,12 +129,15 @@ def _output_columns(flat: Tensor, scales: Sequence[Tensor]) -> list[list[Tensor]
     return columns
 
 
-def forward_output_jvp(model: nn.Module, name: str, weight: Tensor, direction: Tensor, x: Tensor
-                       ) -> tuple[Tensor, Tensor]:
-    """(z, u): outputs and their tangent along W_name + t·direction (forward mode, one pass)."""
-    def outputs(w: Tensor) -> Tensor:
-        return functional_call(model, {name: w}, (x,))
-    logits, tangent = jvp(outputs, (weight,), (direction,))[:2]
+def forward_output_jvp(model: nn.Module, directions: Mapping[str, Tensor], weights: Mapping[str, Tensor],
+                       x: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, u): outputs and their tangent along W + t·direction for the named weights (one pass)."""
+    names = list(directions)
+
+    def outputs(*values: Tensor) -> Tensor:
+        return functional_call(model, dict(zip(names, values, strict=True)), (x,))
+    with autodiff_kernels():
+        logits, tangent = jvp(outputs, tuple(weights[n] for n in names), tuple(directions[n] for n in names))[:2]
     return logits, tangent
 
 
@@ -138,8 +145,9 @@ def nested_output_derivatives(model: nn.Module, name: str, weight: Tensor, direc
                               ) -> tuple[Tensor, Tensor]:
     """(dz/dt, d²z/dt²) along W_name + t·direction, by forward-over-forward."""
     def slope(w: Tensor) -> Tensor:
-        return forward_output_jvp(model, name, w, direction, x)[1]
-    first, second = jvp(slope, (weight,), (direction,))[:2]
+        return jvp(lambda u: functional_call(model, {name: u}, (x,)), (w,), (direction,))[1]
+    with autodiff_kernels():
+        first, second = jvp(slope, (weight,), (direction,))[:2]
     return first, second
 
 
@@ -151,7 +159,51 @@ def nested_loss_curvature(model: nn.Module, loss_fn: LossFn, name: str, weight: 
 
     def slope(w: Tensor) -> Tensor:
         return jvp(losses, (w,), (direction,))[1]
-    return jvp(slope, (weight,), (direction,))[1]
+    with autodiff_kernels():
+        return jvp(slope, (weight,), (direction,))[1]
+
+
+def autodiff_kernels() -> contextlib.ExitStack[bool | None]:
+    """Kernels that are fast and available under forward AD and double backward, same functions.
+
+    - scaled_dot_product_attention goes to its math backend: the fused kernels have neither
+      forward AD nor double backward (pytorch#117629, #116350; hessian.md §1.2);
+    - eval-mode ``F.batch_norm`` is evaluated as x·scale + shift: its native forward-AD formula
+      runs through slow decompositions (it dominated nested jvps on test_resnet).
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(_AffineEvalBatchNorm())
+    return stack
+
+
+class _AffineEvalBatchNorm(TorchFunctionMode):
+    """Evaluate inference-mode ``F.batch_norm`` (running statistics) as an affine map."""
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            bound = dict(zip(_BATCH_NORM_ARGS, args, strict=False)) | kwargs
+            if not bound.get("training", False) and bound.get("running_mean") is not None:
+                return _affine_batch_norm(**bound)
+        return func(*args, **kwargs)
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+def _affine_batch_norm(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None = None,
+                       bias: Tensor | None = None, eps: float = 1e-5, **_: Any) -> Tensor:
+    """(x − μ)/√(σ² + ε)·γ + β for running statistics μ, σ², as x·scale + shift."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    return input * scale.reshape(shape) + shift.reshape(shape)
 
 
 def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], vector: Sequence[Tensor],
@@ -163,7 +215,7 @@ def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], v
     parameters, their ``requires_grad`` and ``.grad`` are never touched.
     """
     params = list(leaves.values())
-    with torch.enable_grad():
+    with torch.enable_grad(), autodiff_kernels():
         loss = per_sample_losses(loss_fn, functional_call(model, dict(leaves), (x,)), y).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]

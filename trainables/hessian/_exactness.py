@@ -1,54 +1,115 @@
-"""When is the Gauss–Newton shortcut exact? A structural and a numerical test.
+"""When is the Gauss–Newton shortcut exact? A linearity proof on the autograd graph.
 
 The block form v_iᵀH_ii(x_j)v_i equals its Gauss–Newton part u_ijᵀ∇²_zℓ_j u_ij exactly when the
-outputs are piecewise linear in W_i, i.e. d²z/dt² = 0 along W_i + t v_i (hessian.md §3.4, SPEC §4).
-Module types cannot prove that on their own (``forward`` code may apply F.gelu, x·sigmoid(x), …),
-and a numerical test on a few samples cannot prove it for every sample. So the shortcut is used
-only when both agree:
+outputs z are piecewise linear in W_i alone, i.e. d²z/dt² = 0 along W_i + t v_i (hessian.md §3.4,
+SPEC §4). Module types cannot show that (``forward`` code may call F.gelu, x·sigmoid(x), …), and a
+numerical test on a few samples cannot prove it for all samples. Instead we record one forward
+pass with every measured weight as its own leaf and walk the autograd graph: each node's op type
+is looked up in an allow-list of ops that are
 
-1. structural: every leaf module of the model is of a type from a piecewise-linear allow-list
-   (exact type match, BatchNorm only with running statistics, which eval mode uses);
-2. numerical, per layer: forward-over-forward d²z/dt² on a few samples of the first batch is
-   exactly zero (piecewise-linear ops propagate exact zeros; any smooth op makes it non-zero).
+- *linear*: piecewise linear jointly in all their inputs (sums, views, concatenation, pooling,
+  ReLU/LeakyReLU/hardtanh/clamp, max/min/where, eval-mode-free ops), or
+- *bilinear*: linear in each operand separately (convolution, matmul, mul, eval-mode BatchNorm in
+  (input, weight)); z stays piecewise linear in W_i unless two operands both depend on W_i, or
+- a division, which is linear in its numerator only.
+
+Any other op that depends on W_i (tanh, GELU, softmax, LayerNorm, train-mode BatchNorm, in-place
+writes into views, unknown ops) makes layer i non-linear, as does a bilinear op with W_i on both
+sides. The verdict holds for the recorded graph, i.e. for every input that takes the same code
+path (data-dependent control flow in ``forward`` is the one thing it cannot see).
 """
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
 
-_PIECEWISE_LINEAR_LEAVES: frozenset[type[nn.Module]] = frozenset({
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+_LINEAR_OPS: frozenset[str] = frozenset({
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
+    "NegBackward0", "MulBackward1", "DivBackward1", "SumBackward0", "SumBackward1", "MeanBackward0",
+    "MeanBackward1", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AsStridedBackward0",
+    "AsStridedBackward1", "PermuteBackward0", "TransposeBackward0", "TransposeBackward1", "TBackward0",
+    "ExpandBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3",
+    "SqueezeBackward4", "UnsqueezeBackward0", "UnsqueezeBackward1", "SelectBackward0", "SliceBackward0",
+    "CatBackward0", "StackBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
+    "IndexBackward0", "IndexSelectBackward0", "GatherBackward0", "CloneBackward0", "ToCopyBackward0",
+    "AliasBackward0", "RepeatBackward0", "FlipBackward0", "RollBackward0", "ConstantPadNdBackward0",
+    "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReflectionPad3DBackward0",
+    "ReplicationPad1DBackward0", "ReplicationPad2DBackward0", "ReplicationPad3DBackward0",
+    "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0", "UpsampleNearest3DBackward0",
+    "UpsampleBilinear2DBackward0", "PixelShuffleBackward0", "PixelUnshuffleBackward0",
+    "AvgPool2DBackward0", "AvgPool3DBackward0", "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0",
+    "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
+    "AdaptiveMaxPool3DBackward0", "ReluBackward0", "ReluBackward1", "ThresholdBackward0",
+    "ThresholdBackward1", "LeakyReluBackward0", "LeakyReluBackward1", "HardtanhBackward0",
+    "HardtanhBackward1", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0", "AbsBackward0",
+    "MaximumBackward0", "MinimumBackward0", "MaxBackward0", "MaxBackward1", "MinBackward0", "MinBackward1",
+    "AmaxBackward0", "AminBackward0", "WhereBackward0", "MaskedFillBackward0", "EmbeddingBackward0",
 })
-_BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# timm leaves that are linear in their input (named, so that timm need not be imported here).
-_TIMM_PIECEWISE_LINEAR: frozenset[str] = frozenset({
-    "timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgPool",
-    "timm.layers.adaptive_avgmax_pool.FastAdaptiveMaxPool",
-    "timm.layers.adaptive_avgmax_pool.FastAdaptiveAvgMaxPool",
-})
+# op → positions (in next_functions) of the operands it is separately linear in
+_BILINEAR_OPS: Mapping[str, tuple[int, int]] = {
+    "ConvolutionBackward0": (0, 1), "AddmmBackward0": (1, 2), "MmBackward0": (0, 1), "BmmBackward0": (0, 1),
+    "MvBackward0": (0, 1), "DotBackward0": (0, 1), "MulBackward0": (0, 1), "LinearBackward0": (0, 1),
+    "BaddbmmBackward0": (1, 2), "AddmvBackward0": (1, 2), "PreluKernelBackward0": (0, 1),
+    "NativeBatchNormBackward0": (0, 1), "CudnnBatchNormBackward0": (0, 1), "MiopenBatchNormBackward0": (0, 1),
+    "NativeBatchNormLegitNoTrainingBackward0": (0, 1),
+}
+_DIVISION_OPS: frozenset[str] = frozenset({"DivBackward0"})
 
 
-def _is_piecewise_linear_leaf(module: nn.Module) -> bool:
-    kind = type(module)
-    if kind in _BATCH_NORMS:
-        return getattr(module, "running_mean", None) is not None
-    qualified = f"{kind.__module__}.{kind.__qualname__}"
-    return kind in _PIECEWISE_LINEAR_LEAVES or qualified in _TIMM_PIECEWISE_LINEAR
+def piecewise_linear_layers(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> set[str]:
+    """Names of the layers in ``weights`` in which the model's outputs on ``x`` are piecewise linear."""
+    leaves = {name: weight.detach().requires_grad_(True) for name, weight in weights.items()}
+    with torch.enable_grad():
+        outputs = functional_call(model, leaves, (x,))
+    if outputs.grad_fn is None:
+        return set(weights)  # the outputs depend on none of the layers
+    indices = {id(leaf): i for i, leaf in enumerate(leaves.values())}
+    nonlinear = _nonlinear_leaves(outputs.grad_fn, indices)
+    return {name for i, name in enumerate(leaves) if i not in nonlinear}
 
 
-def structurally_piecewise_linear(model: nn.Module) -> bool:
-    """Whether every leaf module (no children) is piecewise linear in its input and parameters.
+def _nonlinear_leaves(root: torch.autograd.graph.Node, indices: Mapping[int, int]) -> set[int]:
+    """Walk the graph once (iteratively, post-order) propagating which leaves each node depends on."""
+    depends: dict[torch.autograd.graph.Node, frozenset[int]] = {}
+    nonlinear: set[int] = set()
+    stack: list[tuple[torch.autograd.graph.Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in depends:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in depends)
+            continue
+        operands = [frozenset() if child is None else depends[child] for child, _ in node.next_functions]
+        depends[node] = frozenset().union(*operands) | _leaf_of(node, indices)
+        nonlinear |= _violations(node, operands)
+    return nonlinear
 
-    Containers are transparent here; operations inside their ``forward`` are caught by the
-    numerical per-layer test (:func:`trainables.hessian._derivatives.nested_output_derivatives`).
-    """
-    return all(_is_piecewise_linear_leaf(module) for module in model.modules()
-               if next(module.children(), None) is None)
+
+def _leaf_of(node: torch.autograd.graph.Node, indices: Mapping[int, int]) -> frozenset[int]:
+    variable = getattr(node, "variable", None)
+    if variable is None or id(variable) not in indices:
+        return frozenset()
+    return frozenset({indices[id(variable)]})
+
+
+def _violations(node: torch.autograd.graph.Node, operands: list[frozenset[int]]) -> set[int]:
+    """Leaves in which ``node`` is not (piecewise) linear, given each operand's dependencies."""
+    kind = type(node).__name__
+    everything = set().union(*operands)
+    if kind == "AccumulateGrad" or kind in _LINEAR_OPS or not everything:
+        return set()
+    if kind in _DIVISION_OPS:
+        return set(operands[1]) if len(operands) > 1 else set()
+    if kind in _BILINEAR_OPS and not getattr(node, "_saved_training", False):
+        first, second = _BILINEAR_OPS[kind]
+        if len(operands) <= max(first, second):
+            return set()
+        return set(operands[first] & operands[second])
+    return everything

@@ -25,6 +25,7 @@ How (``method``):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -40,7 +41,7 @@ from trainables.hessian._derivatives import (
     reverse_output_jvps,
     supports_reverse_jvp,
 )
-from trainables.hessian._exactness import structurally_piecewise_linear
+from trainables.hessian._exactness import piecewise_linear_layers
 from trainables.hessian._model import (
     Batch,
     BatchSource,
@@ -174,45 +175,54 @@ def hessian_distance(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
 def _make_plan(layers: _Layers, x: Tensor, method: Method) -> _Plan:
     if method == "nested":
         return _Plan((), (), tuple(layers.names))
-    exact = _exact_ggn_layers(layers, x[:_CHECK_SAMPLES]) if method == "auto" else layers.names
+    sample = x[:_CHECK_SAMPLES]
+    exact = _exact_ggn_layers(layers, sample) if method == "auto" else set(layers.names)
     ggn = [name for name in layers.names if name in exact]
     nested = tuple(name for name in layers.names if name not in exact)
-    reverse = _reverse_layers(layers, ggn, x[:_CHECK_SAMPLES])
+    reverse = _reverse_layers(layers, ggn, sample)
     forward = tuple(name for name in ggn if name not in reverse)
     return _Plan(reverse, forward, nested)
 
 
 def _exact_ggn_layers(layers: _Layers, sample: Tensor) -> set[str]:
-    """Layers whose outputs are provably piecewise linear in W_i (both tests of ``_exactness``)."""
-    if not structurally_piecewise_linear(layers.model):
-        return set()
-    exact = set()
-    for name in layers.names:
-        _, second = nested_output_derivatives(layers.model, name, layers.weights[name],
-                                              layers.directions[name], sample)
-        if torch.count_nonzero(second) == 0:
-            exact.add(name)
+    """Layers in which the outputs are provably piecewise linear (``_exactness``).
+
+    A cheap numerical spot check backs the graph analysis: for the first such layer (usually the
+    one with the longest suffix), forward-over-forward d²z/dt² on one sample must be exactly zero,
+    as piecewise-linear ops propagate exact zeros; otherwise no layer takes the shortcut.
+    """
+    exact = piecewise_linear_layers(layers.model, layers.weights, sample)
+    first = next((name for name in layers.names if name in exact), None)
+    if first is not None:
+        _, second = nested_output_derivatives(layers.model, first, layers.weights[first],
+                                              layers.directions[first], sample[:1])
+        if torch.count_nonzero(second) > 0:
+            warnings.warn(f"linearity analysis marked {first!r} piecewise linear but d²z/dt² ≠ 0; "
+                          "computing every layer by nested forward mode", RuntimeWarning, stacklevel=4)
+            return set()
     return exact
 
 
 def _reverse_layers(layers: _Layers, ggn: Sequence[str], sample: Tensor) -> tuple[str, ...]:
     """GGN layers served by K reverse passes: Conv/Linear weights, when K ≤ their count.
 
-    The reverse tangents are cross-checked against forward-mode JVPs on ``sample``; a layer that
-    disagrees (e.g. samples interacting inside the model) falls back to the forward JVP.
+    The reverse tangents are cross-checked on ``sample`` against one forward-mode JVP along a
+    random combination Σ_i c_i v_i of all their directions (catching hooks that did not fire, weights
+    also used outside their module, samples that interact); on disagreement all of them fall back
+    to per-layer forward JVPs.
     """
     capable = [name for name in layers.reverse_capable() if name in ggn]
-    logits = layers.model(sample)
-    if not capable or logits[0].numel() > len(capable):
+    if not capable:
         return ()
-    _, tangents = reverse_output_jvps(layers.model, sample, layers.modules(capable))
-    agreeing = []
-    for name in capable:
-        _, expected = forward_output_jvp(layers.model, name, layers.weights[name], layers.directions[name],
-                                         sample)
-        if name in tangents and _close(tangents[name], expected):
-            agreeing.append(name)
-    return tuple(agreeing)
+    logits, tangents = reverse_output_jvps(layers.model, sample, layers.modules(capable))
+    if logits[0].numel() > len(capable) or set(tangents) != set(capable):
+        return ()
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(len(capable), generator=generator, dtype=torch.float64).tolist()
+    combined = {name: c * layers.directions[name] for name, c in zip(capable, weights, strict=True)}
+    _, expected = forward_output_jvp(layers.model, combined, {n: layers.weights[n] for n in capable}, sample)
+    actual = sum(c * tangents[name] for name, c in zip(capable, weights, strict=True))
+    return tuple(capable) if _close(torch.as_tensor(actual), expected) else ()
 
 
 def _close(actual: Tensor, expected: Tensor) -> bool:
@@ -229,8 +239,8 @@ def _batch_curvatures(layers: _Layers, plan: _Plan, loss_fn: LossFn, x: Tensor, 
     if plan.reverse:
         logits, tangents = reverse_output_jvps(layers.model, x, layers.modules(plan.reverse))
     for name in plan.forward + tuple(n for n in plan.reverse if n not in tangents):
-        logits, tangents[name] = forward_output_jvp(layers.model, name, layers.weights[name],
-                                                    layers.directions[name], x)
+        logits, tangents[name] = forward_output_jvp(layers.model, {name: layers.directions[name]},
+                                                    {name: layers.weights[name]}, x)
     if tangents:
         assert logits is not None
         order = list(tangents)
