@@ -38,16 +38,30 @@ def wait_for_server(url: str, timeout: float = 180.0) -> None:
     raise SystemExit(f"MLflow server at {url} did not answer within {timeout:.0f} s")
 
 
-def screenshot(url: str, path: Path) -> None:
+def screenshot(url: str, path: Path, height: int = 1000) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("chromium not found: apt-get install chromium")
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-             "--window-size=1400,1000", "--virtual-time-budget=20000", f"--screenshot={path}", url],
-            check=True, capture_output=True, timeout=180,
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--window-size=1400,{height}",
+                "--virtual-time-budget=20000",
+                f"--screenshot={path}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
         )
     print(f"wrote {path}")
 
@@ -68,21 +82,43 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     url = f"http://127.0.0.1:{args.port}"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen([sys.executable, "-m", "tuning.cli", "server", "--port", str(args.port), "--output", str(out)],
-                              env=env, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tuning.cli", "server", "--port", str(args.port), "--output", str(out)],
+        env=env,
+        start_new_session=True,
+    )
     try:
         wait_for_server(url)
-        subprocess.run([sys.executable, "-m", "tuning.cli", "sweep", "--space", "smoke", "--trials", str(args.trials),
-                        "--epochs", "3", "--tracking-uri", url, "--output", str(out), "--name", "ui-demo"],
-                       env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tuning.cli",
+                "sweep",
+                "--space",
+                "smoke",
+                "--trials",
+                str(args.trials),
+                "--epochs",
+                "3",
+                "--tracking-uri",
+                url,
+                "--output",
+                str(out),
+                "--name",
+                "ui-demo",
+            ],
+            env=env,
+            check=True,
+        )
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=url)
         exp = client.get_experiment_by_name("ui-demo")
-        runs = client.search_runs([exp.experiment_id], filter_string="tags.`hesstune.role` != 'parent'")
+        runs = client.search_runs([exp.experiment_id])  # a != filter would drop runs without the tag
         children = [r.info.run_id for r in runs if r.data.tags.get("hesstune.role") != "parent"]
         (ROOT / "docs").mkdir(exist_ok=True)
-        screenshot(compare_url(url, children, exp.experiment_id), ROOT / "docs" / "mlflow_compare.png")
+        screenshot(compare_url(url, children, exp.experiment_id), ROOT / "docs" / "mlflow_compare.png", height=2400)
         screenshot(f"{url}/#/experiments/{exp.experiment_id}/runs", ROOT / "docs" / "mlflow_runs.png")
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -19,7 +19,7 @@ import torch
 from trainables.config import RunConfig
 from trainables.loop import fine_tune
 
-__all__ = ["OBJECTIVE_KEY", "STATE_FILE", "run_trial"]
+__all__ = ["OBJECTIVE_KEY", "STATE_FILE", "TrialOutOfMemoryError", "run_trial"]
 
 OBJECTIVE_KEY = "objective"
 STATE_FILE = "state.pt"
@@ -52,14 +52,39 @@ def _fault_injection(epoch: int) -> None:
         raise RuntimeError(f"injected fault after epoch {epoch}")
 
 
-def run_trial(config: dict[str, Any], *, objective: str = "bound") -> None:
+class TrialOutOfMemoryError(RuntimeError):
+    """CUDA ran out of memory in a trial: named as such so that it is not a generic failure."""
+
+
+def _placement(gpu_fraction: float) -> dict[str, str]:
+    """Where the trial runs (node id, GPU ids); caps this process's share of a shared GPU."""
+    import ray
+
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    if gpus and torch.cuda.is_available() and 0 < gpu_fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(gpu_fraction)  # Ray's GPU fractions are logical only
+    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ",".join(gpus)}
+
+
+def run_trial(config: dict[str, Any], *, objective: str = "bound", gpu_fraction: float = 0.0) -> None:
     """Ray Tune function trainable for one fine-tuning trial (threads come from the config)."""
+    try:
+        _run(config, objective, gpu_fraction)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TrialOutOfMemoryError(
+            f"CUDA out of memory with {gpu_fraction or 1} GPU per trial ({str(exc).splitlines()[0]}): "
+            "raise --gpus-per-trial or lower optim.batch_size"
+        ) from exc
+
+
+def _run(config: dict[str, Any], objective: str, gpu_fraction: float) -> None:
     from ray import tune
 
     cfg = RunConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
+    where = _placement(gpu_fraction)
     resume = _load_checkpoint()
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):
-        metrics = dict(result.metrics)
+        metrics: dict[str, Any] = {**result.metrics, **where}
         metrics[OBJECTIVE_KEY] = float(metrics.get(objective, math.nan))
         metrics["final"] = 1.0 if result.final else 0.0
         with tempfile.TemporaryDirectory() as folder:

@@ -77,9 +77,13 @@ class TrackingCallback(Callback):
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
         metrics = _metrics(result)
-        log_metrics(self.mc, self._child(trial), metrics, step=int(metrics.get("epoch", 0)))
+        run_id = self._child(trial)
+        log_metrics(self.mc, run_id, metrics, step=int(metrics.get("epoch", 0)))
+        for key in ("node_id", "gpu_ids"):
+            if isinstance(result.get(key), str) and metrics.get("epoch") == 1:
+                self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
         if metrics.get("final"):
-            self.mc.set_tag(self._child(trial), "hesstune.final", "1")
+            self.mc.set_tag(run_id, "hesstune.final", "1")
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         run_id = self._child(trial)

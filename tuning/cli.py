@@ -291,6 +291,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"warning: binding to {args.host}: the tracking server has no authentication", file=sys.stderr)
     print("starting:", " ".join(cmd), flush=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The GenAI job runner (7 huey consumers) is not used by hesstune and costs CPU on small machines.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
 
@@ -373,7 +375,19 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, UsageError, SpaceError, SweepError, TrackingError, ValueError)
 
 
+def _process_environment() -> None:
+    """Settings that must precede the first ``import ray`` / ``import mlflow``.
+
+    Ray's ``uv run`` integration would otherwise upload the current directory (results folders
+    included) as each worker's working_dir; workers run the installed package instead.
+    """
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _process_environment()
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

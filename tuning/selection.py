@@ -128,9 +128,7 @@ def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Crit
     Raises ValueError if the name is taken and ``overwrite`` is False.
     """
     if criterion.name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"criterion {criterion.name!r} is already registered; pass overwrite=True to replace it"
-        )
+        raise ValueError(f"criterion {criterion.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[criterion.name] = criterion
     return criterion
 
@@ -153,8 +151,7 @@ for _builtin in (
         "bound",
         "bound",
         "min",
-        "lowest Hessian generalization bound B = train loss + sqrt(C)*M (Ju et al. 2022); "
-        "needs no validation split",
+        "lowest Hessian generalization bound B = train loss + sqrt(C)*M (Ju et al. 2022); needs no validation split",
     ),
     Criterion("measure", "measure", "min", "lowest Hessian distance measure M (label-free)"),
     Criterion(

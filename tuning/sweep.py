@@ -106,7 +106,7 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
     if opts.max_failures < 0:
         raise SweepError(f"--max-failures {opts.max_failures} must be ≥ 0")
     objective_metric(opts.objective)
-    validate_tracking_uri(opts.tracking_uri, multi_node=opts.address not in (None, "", "local"))
+    validate_tracking_uri(opts.tracking_uri)  # sqlite on several nodes is refused by the preflight
     space = load_space(opts.space)
     space.check(opts.base)
     paths = SweepPaths(opts.output, opts.name)
@@ -145,6 +145,8 @@ def _init_ray(opts: SweepOptions) -> None:
         return
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "logging_level": "ERROR"}
     if opts.address:
+        if opts.address.startswith(("127.", "localhost")):
+            kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: stay on loopback
         ray.init(address=opts.address, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
@@ -188,7 +190,7 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
 
     metric, mode = objective_metric(opts.objective)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, objective=metric),
+        tune.with_parameters(run_trial, objective=metric, gpu_fraction=opts.gpus_per_trial),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if paths.experiment.exists() and tune.Tuner.can_restore(str(paths.experiment)):
@@ -234,15 +236,18 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         from trainables.models import ensure_source_model
 
         ensure_source_model(opts.base.model.name, opts.base.task.image_size, log=log)
+    _init_ray(opts)
+    if opts.address:
+        from tuning.cluster import preflight
+
+        log(f"preflight: storage and tracking checked on {preflight(paths.storage, opts.tracking_uri)} node(s)")
     paths.output.mkdir(parents=True, exist_ok=True)
     exp_id, parent_id = ensure_parent_run(
         opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space)
     )
     paths.experiment.mkdir(parents=True, exist_ok=True)
-    paths.meta.write_text(
-        json.dumps({**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}, indent=1)
-    )
-    _init_ray(opts)
+    meta = {**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}
+    paths.meta.write_text(json.dumps(meta, indent=1))
     tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, objective=opts.objective, sweep=opts.name)
     progress = ProgressCallback(opts.trials, metric, log=log)
     tic = time.perf_counter()
