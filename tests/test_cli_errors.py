@@ -18,7 +18,18 @@ BAD_SWEEPS = {
     "missing task folder": (["--task", "imagefolder:/no/such/folder"], "/no/such/folder"),
     "unknown model": (["--model", "resnet_nope"], "resnet_nope"),
     "unknown scheduler": (["--scheduler", "pbt"], "pbt"),
+    "negative retries": (["--max-failures", "-1"], "--max-failures"),
+    "unknown resume name": (["--resume", "never-ran"], "never-ran"),
 }
+
+
+def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, err = run_cli(capsys, "sweep", "--output", str(a_file))
+    assert code == 2 and "is a file" in err
+    code, err = run_cli(capsys, "sweep", "--output", str(a_file / "below"))
+    assert code == 2 and "cannot be created" in err
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -109,12 +109,24 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
     validate_tracking_uri(opts.tracking_uri)  # sqlite on several nodes is refused by the preflight
     space = load_space(opts.space)
     space.check(opts.base)
+    check_storage(opts.output)
     paths = SweepPaths(opts.output, opts.name)
     if not resume and paths.experiment.exists():
         raise SweepError(
             f"sweep {opts.name!r} already exists in {paths.storage}: use --resume {opts.name} or another --name"
         )
     return space
+
+
+def check_storage(output: Path) -> None:
+    """The output folder must be a folder we can create or write, checked without creating it."""
+    if output.exists() and not output.is_dir():
+        raise SweepError(f"--output {str(output)!r} is a file: give a folder")
+    ancestor = output
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SweepError(f"--output {str(output)!r} cannot be created or written ({str(ancestor)!r} is not writable)")
 
 
 def load_sweep(output: Path, name: str) -> SweepOptions:

@@ -1,0 +1,36 @@
+"""The code checks STYLE.md asks for run with the tests: ruff and mypy must be clean."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_ruff_is_clean() -> None:
+    proc = subprocess.run([str(BIN / "ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+@pytest.mark.slow
+def test_mypy_is_clean() -> None:
+    proc = subprocess.run([str(BIN / "mypy")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_no_ray_train_report_in_the_package() -> None:
+    """Inside Tune trainables Ray 2.60 raises on ray.train.report; only ray.tune.* is allowed."""
+    forbidden = re.compile(r"ray\.train\.\w+\(|from ray\.train\b|import ray\.train\b|from ray import train\b")
+    offenders = [
+        str(p)
+        for pkg in ("trainables", "tuning")
+        for p in (ROOT / pkg).rglob("*.py")
+        if forbidden.search(p.read_text())
+    ]
+    assert offenders == []

@@ -1,0 +1,92 @@
+"""Units of the tuning layer that need no running Ray: fidelity-aware Optuna telling, OOM naming,
+tracking-URI rules, config round trips through MLflow params."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from trainables.config import RunConfig
+from tuning.report import config_from_params
+from tuning.tracking import TrackingError, validate_tracking_uri
+
+
+def _searcher(max_epochs: int = 5):  # type: ignore[no-untyped-def]
+    from tuning.search import FidelityAwareOptunaSearch
+
+    def space(trial: optuna.Trial) -> None:
+        trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
+
+    searcher = FidelityAwareOptunaSearch(space=space, metric="objective", mode="min", seed=0, max_epochs=max_epochs)
+    return searcher
+
+
+def test_trials_stopped_before_the_last_epoch_are_told_pruned() -> None:
+    searcher = _searcher()
+    assert searcher.suggest("early") is not None and searcher.suggest("full") is not None
+    searcher.on_trial_result("early", {"objective": 1.0, "training_iteration": 1, "epoch": 1})
+    searcher.on_trial_complete("early", result={"objective": 1.0, "epoch": 2, "training_iteration": 2})
+    searcher.on_trial_complete("full", result={"objective": 0.5, "epoch": 5, "training_iteration": 5})
+    states = {t.number: t.state for t in searcher._ot_study.trials}
+    assert states == {0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE}
+    assert searcher._ot_study.best_value == 0.5
+
+
+def test_failed_trials_are_not_told_pruned() -> None:
+    searcher = _searcher()
+    searcher.suggest("broken")
+    searcher.on_trial_complete("broken", result=None, error=True)
+    assert searcher._ot_study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+def test_cuda_oom_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainables.trainable as trainable
+
+    def boom(*_: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainable, "_run", boom)
+    with pytest.raises(trainable.TrialOutOfMemoryError, match=r"raise --gpus-per-trial or lower optim\.batch_size"):
+        trainable.run_trial({}, gpu_fraction=0.25)
+
+
+@pytest.mark.parametrize(
+    ("uri", "ok"),
+    [
+        ("sqlite:////abs/mlflow.db", True),
+        ("http://127.0.0.1:5000", True),
+        ("https://mlflow.example:443", True),
+        ("sqlite:///relative.db", False),
+        ("file:///tmp/mlruns", False),
+        ("./mlruns", False),
+        ("http://", False),
+        ("postgresql://u@h/db", False),
+    ],
+)
+def test_tracking_uri_rules(uri: str, ok: bool) -> None:
+    if ok:
+        assert validate_tracking_uri(uri) == uri
+    else:
+        with pytest.raises(TrackingError):
+            validate_tracking_uri(uri)
+
+
+def test_sqlite_refused_for_several_nodes() -> None:
+    with pytest.raises(TrackingError, match="hesstune server"):
+        validate_tracking_uri("sqlite:////abs/mlflow.db", multi_node=True)
+
+
+def test_config_survives_the_mlflow_param_round_trip() -> None:
+    cfg = RunConfig().replace(
+        **{
+            "optim.lr": 3.3e-4,
+            "constraint.enabled": True,
+            "constraint.group_scales": [1.0, 2.5],
+            "measure.loss_bound": None,
+            "task.name": "imagefolder:/data/x y",
+            "threads": 1,
+        }
+    )
+    params = {k: str(v) for k, v in cfg.to_flat().items()}  # what MLflow stores
+    assert config_from_params(params) == cfg
