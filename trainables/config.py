@@ -169,12 +169,13 @@ class SelfLabelConfig:
 class ConsistentConfig:
     """Consistent (backward-corrected) loss under class-conditional noise, SPEC §3.3.
 
-    ``transition``: ``symmetric`` (rate given, or the task's noise rate when null) or
+    ``transition``: ``symmetric`` (rate given, or the task's noise rate when null),
+    ``task`` (the injected noise's own F: right for pair and correlated noise too), or
     ``estimated`` (anchor-point estimate from a plain fine-tuned model).
     """
 
     enabled: bool = False
-    transition: Literal["symmetric", "estimated"] = "symmetric"
+    transition: Literal["symmetric", "task", "estimated"] = "symmetric"
     rate: float | None = None
     estimate_epochs: int = 5
 

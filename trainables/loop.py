@@ -323,7 +323,9 @@ def _run_epoch(run: _Run, epoch: int) -> EpochResult:
     if cfg.measure.enabled and (final or (cfg.measure.every and epoch % cfg.measure.every == 0)):
         from trainables.measures import measure_model
 
-        metrics.update(measure_model(run.model, run.ctx.reference, run.data, cfg, transition=_transition(run)))
+        # between milestones only M and B (what a scheduler ranks by); trace and λ_max at the end
+        mcfg = cfg if final else cfg.replace(**{"measure.trace": False, "measure.eigenvalue": False})
+        metrics.update(measure_model(run.model, run.ctx.reference, run.data, mcfg, transition=_transition(run)))
     return EpochResult(epoch, metrics, final, lambda: _state(run, epoch))
 
 

@@ -76,6 +76,12 @@ class ConsistentLoss(Regularizer):
             model = ctx.fit_plain(self.cfg.estimate_epochs)
             probs = _train_probabilities(model, ctx)
             return estimate_transition(probs, ctx.noisy.numpy(), k)
+        if self.cfg.transition == "task":
+            if ctx.transition is None:
+                raise ConfigError(
+                    "consistent.transition=task needs injected label noise (a known F): use symmetric or estimated"
+                )
+            return ctx.transition
         rate = self.cfg.rate if self.cfg.rate is not None else ctx.noise_rate
         if rate >= (k - 1) / k:
             raise ConfigError(
