@@ -7,6 +7,7 @@ ever downloaded: ``imagefolder:PATH``, ``cifar10:PATH`` and ``cifar100:PATH`` re
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,8 +212,13 @@ def parse_task_name(name: str) -> tuple[str, str]:
 
 
 # -- splitting and noise ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def load_task(cfg: TaskConfig) -> TaskData:
-    """Load, split (seeded by ``cfg.split_seed``) and corrupt the labels of a task."""
+    """Load, split (seeded by ``cfg.split_seed``) and corrupt the labels of a task.
+
+    Cached per process for the last config (reused Ray actors run many trials on the same task:
+    decoding an image folder once is enough). The returned tensors are shared: never modify them.
+    """
     cfg.validate()
     kind, path = parse_task_name(cfg.name)
     pool = _TASKS[kind](path, cfg)
