@@ -77,10 +77,8 @@ def main() -> None:
     header = ("sweep", "trials", "wall s", "own s/trial", "ideal s", "overhead s", "fraction")
     print(f"{header[0]:<8} " + " ".join(f"{h:>11}" for h in header[1:]))
     for label, row in rows.items():
-        print(
-            f"{label:<8} {row['trials']:>6.0f} {row['wall']:>8.1f} {row['own_mean']:>12.2f} {row['ideal']:>8.1f} "
-            f"{row['overhead']:>11.1f} {row['fraction']:>9.3f}"
-        )
+        values = (row["trials"], row["wall"], row["own_mean"], row["ideal"], row["overhead"], row["fraction"])
+        print(f"{label:<8} " + " ".join(f"{v:>11.3g}" for v in values))
     s1, s2 = rows[f"short{small}"], rows[f"short{large}"]
     marginal = (s2["overhead"] - s1["overhead"]) / (large - small) * args.concurrency
     fixed = s1["overhead"] - marginal * small / args.concurrency
