@@ -102,13 +102,17 @@ def per_sample_losses(loss_fn: LossFn, logits: Tensor, y: Tensor) -> Tensor:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Names of the weights (dim ≥ 2) of the model's Conv1d/2d/3d and Linear modules."""
+    """Names of the weights (dim ≥ 2) of the model's Conv1d/2d/3d and Linear modules.
+
+    A weight tied into several modules is listed once, under its ``named_parameters()`` name.
+    """
+    registered = {id(param): name for name, param in model.named_parameters()}
     names = []
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, LAYER_MODULES) and isinstance(weight, nn.Parameter) and weight.dim() >= 2:
-            names.append(f"{module_name}.weight" if module_name else "weight")
-    return names
+            names.append(registered[id(weight)])
+    return list(dict.fromkeys(names))
 
 
 def resolve_names(model: nn.Module, names: Sequence[str] | None, *, what: str = "layers") -> list[str]:

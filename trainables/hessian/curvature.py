@@ -17,9 +17,17 @@ How (``method``):
   Conv/Linear layers at once K backward passes, see ``reverse_output_jvps``) and the per-sample
   output Hessian of ``loss_fn`` from autograd (no closed form assumed). Exact iff the outputs are
   piecewise linear in W_i; otherwise a PSD surrogate.
-- ``"auto"`` (default): ``"ggn"`` for the layers where that is provably exact by both tests of
-  ``_exactness.py`` (piecewise-linear module types *and* d²z/dt² exactly zero on the first batch),
-  ``"nested"`` for every other layer. The result is exact in both cases.
+- ``"auto"`` (default): ``"ggn"`` for the layers in which the outputs are proved piecewise linear
+  by an analysis of the autograd graph of the first batch (``_exactness.py``; it sees functional
+  ops in ``forward`` code too), with a numerical spot check (d²z/dt² exactly 0), ``"nested"`` for
+  every other layer. The result is exact in both cases: e.g. on a ReLU/eval-BN ResNet every layer
+  takes the shortcut, on a GELU MLP only the head (linear in its own weight) does.
+
+Cost (hessian.md §4): nested ≈ 2 forward-mode passes per layer over the layer's suffix; the GGN
+shortcut for Conv/Linear weights costs one forward plus K backward passes (K outputs) for all
+layers together, which is below the (1 + L)/3-epoch floor of the nested form when K ≲ L. The
+loop is per batch, so memory stays that of one batch's forward and backward (larger batches
+amortise per-op overhead).
 """
 
 from __future__ import annotations
@@ -188,14 +196,14 @@ def _exact_ggn_layers(layers: _Layers, sample: Tensor) -> set[str]:
     """Layers in which the outputs are provably piecewise linear (``_exactness``).
 
     A cheap numerical spot check backs the graph analysis: for the first such layer (usually the
-    one with the longest suffix), forward-over-forward d²z/dt² on one sample must be exactly zero,
+    one with the longest suffix), forward-over-forward d²z/dt² on the check samples must be exactly 0,
     as piecewise-linear ops propagate exact zeros; otherwise no layer takes the shortcut.
     """
     exact = piecewise_linear_layers(layers.model, layers.weights, sample)
     first = next((name for name in layers.names if name in exact), None)
     if first is not None:
         _, second = nested_output_derivatives(layers.model, first, layers.weights[first],
-                                              layers.directions[first], sample[:1])
+                                              layers.directions[first], sample)
         if torch.count_nonzero(second) > 0:
             warnings.warn(f"linearity analysis marked {first!r} piecewise linear but d²z/dt² ≠ 0; "
                           "computing every layer by nested forward mode", RuntimeWarning, stacklevel=4)
