@@ -146,3 +146,35 @@ def test_attention_trace_and_eigenvalue_use_double_backward_friendly_kernels() -
     assert top_eigenvalue(model, cross_entropy, data, iters=5) > 0
     estimate, stderr = hessian_trace(model, cross_entropy, data, max_probes=20)
     assert stderr > 0 and estimate == estimate
+
+
+class Bypass(nn.Module):
+    """Uses a Linear's weight without calling the module, so forward hooks on it never fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(F.linear(x, self.inner.weight, self.inner.bias)))
+
+
+def test_reverse_tangents_are_cross_checked() -> None:
+    torch.manual_seed(5)
+    model = Bypass().to(DTYPE).eval()
+    data, reference = batches(), reference_of(model)
+    fast = measure_layer_curvatures(model, cross_entropy, data, reference)
+    nested = measure_layer_curvatures(model, cross_entropy, data, reference, method="nested")
+    assert fast.methods == {"inner.weight": "ggn", "head.weight": "ggn"}
+    assert fast.mean == pytest.approx(nested.mean, rel=1e-10)
+    assert fast.mean["inner.weight"] > 0
+
+
+def test_spot_check_overrides_a_wrong_linearity_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+    monkeypatch.setattr("trainables.hessian.curvature.piecewise_linear_layers",
+                        lambda model, weights, x: set(weights))
+    with pytest.warns(RuntimeWarning, match="d²z/dt²"):
+        result = measure_layer_curvatures(model, cross_entropy, batches(), reference_of(model))
+    assert set(result.methods.values()) == {"nested"}

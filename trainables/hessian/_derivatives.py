@@ -13,7 +13,7 @@ piecewise linear in W_i (ReLU, eval-mode BatchNorm, pooling, linear ops).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -163,7 +163,8 @@ def nested_loss_curvature(model: nn.Module, loss_fn: LossFn, name: str, weight: 
         return jvp(slope, (weight,), (direction,))[1]
 
 
-def autodiff_kernels() -> contextlib.ExitStack[bool | None]:
+@contextlib.contextmanager
+def autodiff_kernels() -> Iterator[None]:
     """Kernels that are fast and available under forward AD and double backward, same functions.
 
     - scaled_dot_product_attention goes to its math backend: the fused kernels have neither
@@ -171,10 +172,8 @@ def autodiff_kernels() -> contextlib.ExitStack[bool | None]:
     - eval-mode ``F.batch_norm`` is evaluated as x·scale + shift: its native forward-AD formula
       runs through slow decompositions (it dominated nested jvps on test_resnet).
     """
-    stack = contextlib.ExitStack()
-    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-    stack.enter_context(_AffineEvalBatchNorm())
-    return stack
+    with sdpa_kernel([SDPBackend.MATH]), _AffineEvalBatchNorm():
+        yield
 
 
 class _AffineEvalBatchNorm(TorchFunctionMode):
