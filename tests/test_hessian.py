@@ -20,7 +20,7 @@ from trainables.hessian import (
     reference_layer_curvatures,
     top_eigenvalue,
 )
-from trainables.hessian._derivatives import forward_output_jvp, reverse_output_jvps
+from trainables.hessian._derivatives import FrozenModel, forward_output_jvp, reverse_output_jvps
 
 # torch's forward-AD decompositions (torch.func.jvp) still call torch.jit.script internally
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -359,7 +359,7 @@ def test_reverse_and_forward_output_tangents_agree() -> None:
     logits, tangents = reverse_output_jvps(model, x, layers)
     for name, (_, v) in layers.items():
         with torch.no_grad():
-            z, u = forward_output_jvp(model, {name: v}, {name: params[name].detach()}, x)
+            z, u = forward_output_jvp(FrozenModel(model), {name: v}, x)
         torch.testing.assert_close(tangents[name], u)
         torch.testing.assert_close(logits, z)
 

@@ -129,38 +129,54 @@ def _output_columns(flat: Tensor, scales: Sequence[Tensor]) -> list[list[Tensor]
     return columns
 
 
-def forward_output_jvp(model: nn.Module, directions: Mapping[str, Tensor], weights: Mapping[str, Tensor],
-                       x: Tensor) -> tuple[Tensor, Tensor]:
+class FrozenModel:
+    """``model`` as a function of chosen weights, every other parameter detached (held fixed).
+
+    Forward-mode derivatives run with grad mode *enabled* (some in-place ops, e.g. SiLU(inplace),
+    have no second-order forward AD under ``no_grad``) yet record no backward graph, because no
+    tensor involved requires grad.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = {name: param.detach() for name, param in model.named_parameters()}
+
+    def __call__(self, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
+        return functional_call(self.model, {**self.params, **weights}, (x,))
+
+
+def forward_output_jvp(frozen: FrozenModel, directions: Mapping[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     """(z, u): outputs and their tangent along W + t·direction for the named weights (one pass)."""
     names = list(directions)
 
     def outputs(*values: Tensor) -> Tensor:
-        return functional_call(model, dict(zip(names, values, strict=True)), (x,))
-    with autodiff_kernels():
-        logits, tangent = jvp(outputs, tuple(weights[n] for n in names), tuple(directions[n] for n in names))[:2]
+        return frozen(x, dict(zip(names, values, strict=True)))
+    with torch.enable_grad(), autodiff_kernels():
+        primals = tuple(frozen.params[n] for n in names)
+        logits, tangent = jvp(outputs, primals, tuple(directions[n] for n in names))[:2]
     return logits, tangent
 
 
-def nested_output_derivatives(model: nn.Module, name: str, weight: Tensor, direction: Tensor, x: Tensor
+def nested_output_derivatives(frozen: FrozenModel, name: str, direction: Tensor, x: Tensor
                               ) -> tuple[Tensor, Tensor]:
     """(dz/dt, d²z/dt²) along W_name + t·direction, by forward-over-forward."""
     def slope(w: Tensor) -> Tensor:
-        return jvp(lambda u: functional_call(model, {name: u}, (x,)), (w,), (direction,))[1]
-    with autodiff_kernels():
-        first, second = jvp(slope, (weight,), (direction,))[:2]
+        return jvp(lambda u: frozen(x, {name: u}), (w,), (direction,))[1]
+    with torch.enable_grad(), autodiff_kernels():
+        first, second = jvp(slope, (frozen.params[name],), (direction,))[:2]
     return first, second
 
 
-def nested_loss_curvature(model: nn.Module, loss_fn: LossFn, name: str, weight: Tensor, direction: Tensor,
+def nested_loss_curvature(frozen: FrozenModel, loss_fn: LossFn, name: str, direction: Tensor,
                           x: Tensor, y: Tensor) -> Tensor:
     """Exact per-sample d²ℓ_j(W_name + t·v)/dt² = vᵀ H_ii(x_j) v, by forward-over-forward: [B]."""
     def losses(w: Tensor) -> Tensor:
-        return per_sample_losses(loss_fn, functional_call(model, {name: w}, (x,)), y)
+        return per_sample_losses(loss_fn, frozen(x, {name: w}), y)
 
     def slope(w: Tensor) -> Tensor:
         return jvp(losses, (w,), (direction,))[1]
-    with autodiff_kernels():
-        return jvp(slope, (weight,), (direction,))[1]
+    with torch.enable_grad(), autodiff_kernels():
+        return jvp(slope, (frozen.params[name],), (direction,))[1]
 
 
 @contextlib.contextmanager
@@ -170,14 +186,16 @@ def autodiff_kernels() -> Iterator[None]:
     - scaled_dot_product_attention goes to its math backend: the fused kernels have neither
       forward AD nor double backward (pytorch#117629, #116350; hessian.md §1.2);
     - eval-mode ``F.batch_norm`` is evaluated as x·scale + shift: its native forward-AD formula
-      runs through slow decompositions (it dominated nested jvps on test_resnet).
+      runs through slow decompositions (it dominated nested jvps on test_resnet);
+    - ``F.hardsigmoid`` by its clamp formula (no forward AD for its native derivative).
     """
     with sdpa_kernel([SDPBackend.MATH]), _AffineEvalBatchNorm():
         yield
 
 
 class _AffineEvalBatchNorm(TorchFunctionMode):
-    """Evaluate inference-mode ``F.batch_norm`` (running statistics) as an affine map."""
+    """Evaluate inference-mode ``F.batch_norm`` (running statistics) as an affine map, and
+    ``F.hardsigmoid`` as clamp((x + 3)/6, 0, 1): the same functions with fast, complete autodiff."""
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -186,6 +204,8 @@ class _AffineEvalBatchNorm(TorchFunctionMode):
             bound = dict(zip(_BATCH_NORM_ARGS, args, strict=False)) | kwargs
             if not bound.get("training", False) and bound.get("running_mean") is not None:
                 return _affine_batch_norm(**bound)
+        if func is F.hardsigmoid:  # its native derivative has no forward AD
+            return (args[0] + 3).clamp(0, 6) / 6
         return func(*args, **kwargs)
 
 

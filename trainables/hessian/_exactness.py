@@ -45,7 +45,8 @@ _LINEAR_OPS: frozenset[str] = frozenset({
     "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
     "AdaptiveMaxPool3DBackward0", "ReluBackward0", "ReluBackward1", "ThresholdBackward0",
     "ThresholdBackward1", "LeakyReluBackward0", "LeakyReluBackward1", "HardtanhBackward0",
-    "HardtanhBackward1", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0", "AbsBackward0",
+    "HardtanhBackward1", "HardsigmoidBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0",
+    "AbsBackward0",
     "MaximumBackward0", "MinimumBackward0", "MaxBackward0", "MaxBackward1", "MinBackward0", "MinBackward1",
     "AmaxBackward0", "AminBackward0", "WhereBackward0", "MaskedFillBackward0", "EmbeddingBackward0",
 })

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from trainables.hessian._derivatives import (
+    FrozenModel,
     forward_output_jvp,
     nested_loss_curvature,
     nested_output_derivatives,
@@ -101,10 +102,10 @@ class _Layers:
     """The measured weight tensors of one model: names, current values, directions, modules."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], reference: Mapping[str, Tensor]) -> None:
-        params = dict(model.named_parameters())
         self.model = model
+        self.frozen = FrozenModel(model)
         self.names = list(names)
-        self.weights = {name: params[name].detach() for name in self.names}
+        self.weights = {name: self.frozen.params[name] for name in self.names}
         self.directions = directions(model, self.names, reference)
 
     def reverse_capable(self) -> list[str]:
@@ -202,8 +203,7 @@ def _exact_ggn_layers(layers: _Layers, sample: Tensor) -> set[str]:
     exact = piecewise_linear_layers(layers.model, layers.weights, sample)
     first = next((name for name in layers.names if name in exact), None)
     if first is not None:
-        _, second = nested_output_derivatives(layers.model, first, layers.weights[first],
-                                              layers.directions[first], sample)
+        _, second = nested_output_derivatives(layers.frozen, first, layers.directions[first], sample)
         if torch.count_nonzero(second) > 0:
             warnings.warn(f"linearity analysis marked {first!r} piecewise linear but d²z/dt² ≠ 0; "
                           "computing every layer by nested forward mode", RuntimeWarning, stacklevel=4)
@@ -228,7 +228,7 @@ def _reverse_layers(layers: _Layers, ggn: Sequence[str], sample: Tensor) -> tupl
     generator = torch.Generator().manual_seed(0)
     weights = torch.randn(len(capable), generator=generator, dtype=torch.float64).tolist()
     combined = {name: c * layers.directions[name] for name, c in zip(capable, weights, strict=True)}
-    _, expected = forward_output_jvp(layers.model, combined, {n: layers.weights[n] for n in capable}, sample)
+    _, expected = forward_output_jvp(layers.frozen, combined, sample)
     actual = sum(c * tangents[name] for name, c in zip(capable, weights, strict=True))
     return tuple(capable) if _close(torch.as_tensor(actual), expected) else ()
 
@@ -247,14 +247,12 @@ def _batch_curvatures(layers: _Layers, plan: _Plan, loss_fn: LossFn, x: Tensor, 
     if plan.reverse:
         logits, tangents = reverse_output_jvps(layers.model, x, layers.modules(plan.reverse))
     for name in plan.forward + tuple(n for n in plan.reverse if n not in tangents):
-        logits, tangents[name] = forward_output_jvp(layers.model, {name: layers.directions[name]},
-                                                    {name: layers.weights[name]}, x)
+        logits, tangents[name] = forward_output_jvp(layers.frozen, {name: layers.directions[name]}, x)
     if tangents:
         assert logits is not None
         order = list(tangents)
         forms = output_quadratic_forms(loss_fn, logits, y, torch.stack([tangents[n] for n in order]))
         values.update(zip(order, forms, strict=True))
     for name in plan.nested:
-        values[name] = nested_loss_curvature(layers.model, loss_fn, name, layers.weights[name],
-                                             layers.directions[name], x, y)
+        values[name] = nested_loss_curvature(layers.frozen, loss_fn, name, layers.directions[name], x, y)
     return torch.stack([values[name] for name in layers.names])
