@@ -67,7 +67,7 @@ __all__ = ["LayerCurvatures", "hessian_distance", "layer_curvatures", "measure_l
 Method = Literal["auto", "nested", "ggn"]
 _METHODS = ("auto", "nested", "ggn")
 _REDUCES = ("max", "mean")
-_CHECK_SAMPLES = 2  # samples of the first batch used by the numerical exactness test
+_CHECK_SAMPLES = 2  # samples of the first batch used to choose and cross-check the fast paths
 
 
 @dataclass(frozen=True)
@@ -225,12 +225,23 @@ def _reverse_layers(layers: _Layers, ggn: Sequence[str], sample: Tensor) -> tupl
     logits, tangents = reverse_output_jvps(layers.model, sample, layers.modules(capable))
     if logits[0].numel() > len(capable) or set(tangents) != set(capable):
         return ()
-    generator = torch.Generator().manual_seed(0)
-    weights = torch.randn(len(capable), generator=generator, dtype=torch.float64).tolist()
+    weights = _check_weights([tangents[name] for name in capable])
     combined = {name: c * layers.directions[name] for name, c in zip(capable, weights, strict=True)}
     _, expected = forward_output_jvp(layers.frozen, combined, sample)
     actual = sum(c * tangents[name] for name, c in zip(capable, weights, strict=True))
     return tuple(capable) if _close(torch.as_tensor(actual), expected) else ()
+
+
+def _check_weights(tangents: Sequence[Tensor]) -> list[float]:
+    """Seeded random c_i / ‖u_i‖, so that every layer weighs O(1) in the combined check.
+
+    A layer whose reverse tangent came out zero gets a huge weight instead, so that a hook that
+    never fired cannot hide behind larger layers.
+    """
+    norms = torch.stack([t.detach().double().norm() for t in tangents]).cpu()
+    floor = float(norms.max()) * torch.finfo(tangents[0].dtype).eps if float(norms.max()) > 0 else 1.0
+    signs = torch.randn(len(tangents), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (signs / norms.clamp(min=floor)).tolist()
 
 
 def _close(actual: Tensor, expected: Tensor) -> bool:
