@@ -145,8 +145,9 @@ class ProgressCallback(Callback):
     ) -> None:
         self.started = time.time()  # also after a restore, which unpickles this callback
 
-    def _count(self, trials: list[Any]) -> int:
-        return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    def _count(self, trials: list[Any], current: Any) -> int:
+        """Trials done, this one included (its status is not final yet when Ray calls us)."""
+        return sum(t is current or t.status in ("TERMINATED", "ERROR") for t in trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
@@ -157,12 +158,12 @@ class ProgressCallback(Callback):
         ]
         state = "" if r.get("final") else " (stopped early)"
         self.log(
-            f"[{self._count(trials)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
+            f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
             f"({time.time() - self.started:.0f} s elapsed)"
         )
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.log(f"[{self._count(trials)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
+        self.log(f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
 
 
 def _finite(x: Any) -> bool:
