@@ -18,6 +18,7 @@ from trainables.hessian import (
     layer_curvatures,
     measure_layer_curvatures,
     reference_layer_curvatures,
+    sample_curvatures,
     top_eigenvalue,
 )
 from trainables.hessian._derivatives import FrozenModel, forward_output_jvp, reverse_output_jvps
@@ -531,3 +532,12 @@ def test_bad_reference_and_data_raise() -> None:
         hessian_trace(model, cross_entropy, vector_batches(), max_probes=0)
     with pytest.raises(ValueError, match="iters"):
         top_eigenvalue(model, cross_entropy, vector_batches(), iters=0)
+
+
+def test_sample_curvatures_are_the_per_sample_values() -> None:
+    model, batches = smooth_mlp(), vector_batches()
+    reference = perturbed_reference(model)
+    names, values = sample_curvatures(model, cross_entropy, batches, reference)
+    assert names == weight_names(model) and values.shape == (3, 8)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(values[i], dense_block_forms(model, cross_entropy, batches, reference, name))

@@ -17,6 +17,7 @@ from trainables.hessian.curvature import (
     hessian_distance,
     layer_curvatures,
     measure_layer_curvatures,
+    sample_curvatures,
 )
 from trainables.hessian.eigen import top_eigenvalue
 from trainables.hessian.reference import reference_layer_curvatures
@@ -31,5 +32,6 @@ __all__ = [
     "layer_curvatures",
     "measure_layer_curvatures",
     "reference_layer_curvatures",
+    "sample_curvatures",
     "top_eigenvalue",
 ]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,7 +62,7 @@ from trainables.hessian._model import (
     resolve_names,
 )
 
-__all__ = ["LayerCurvatures", "hessian_distance", "layer_curvatures", "measure_layer_curvatures"]
+__all__ = ["LayerCurvatures", "hessian_distance", "layer_curvatures", "measure_layer_curvatures", "sample_curvatures"]
 
 Method = Literal["auto", "nested", "ggn"]
 _METHODS = ("auto", "nested", "ggn")
@@ -131,26 +131,45 @@ def measure_layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[B
     ``model.named_parameters()`` names (default: weights of Conv1d/2d/3d and Linear modules).
     ``method``: see the module docstring. Runs in eval mode; every module's mode is restored.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method={method!r} is unknown; use one of {_METHODS}")
     names = resolve_names(model, layers)
-    chosen = _Layers(model, names, reference)
-    batches = BatchSource.of(data, model, reiterable=False)
     total = torch.zeros(len(names), dtype=torch.float64)
     peak = torch.zeros(len(names), dtype=torch.float64)
     count = 0
+    methods: dict[str, str] = {}
+    for values, batch_methods in _curvature_batches(model, loss_fn, data, reference, names, method):
+        methods = batch_methods
+        total += values.sum(1)
+        peak = torch.maximum(peak, values.max(1).values.clamp(min=0))
+        count += values.shape[1]
+    return LayerCurvatures(max=dict(zip(names, peak.tolist(), strict=True)),
+                           mean=dict(zip(names, (total / count).tolist(), strict=True)),
+                           n_samples=count, methods=methods)
+
+
+def sample_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], reference: Mapping[str, Tensor],
+                      *, layers: Sequence[str] | None = None, method: Method = "auto") -> tuple[list[str], Tensor]:
+    """(layer names, q) with q[i, j] = v_iᵀ H_ii(x_j) v_i for every sample j of ``data``, in order.
+
+    The per-sample values behind :func:`measure_layer_curvatures` (float64, CPU, [L, S]), for
+    other aggregations (quantiles, subsets of samples). Arguments as there.
+    """
+    names = resolve_names(model, layers)
+    chunks = [values for values, _ in _curvature_batches(model, loss_fn, data, reference, names, method)]
+    return names, torch.cat(chunks, dim=1)
+
+
+def _curvature_batches(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], reference: Mapping[str, Tensor],
+                       names: Sequence[str], method: Method) -> Iterator[tuple[Tensor, dict[str, str]]]:
+    """Per batch: q [L, B] (float64, CPU) and how each layer is computed; eval mode throughout."""
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {_METHODS}")
+    chosen = _Layers(model, names, reference)
+    batches = BatchSource.of(data, model, reiterable=False)
     plan: _Plan | None = None
     with evaluation_mode(model), torch.no_grad():
         for x, y in batches:
             plan = plan or _make_plan(chosen, x, method)
-            values = _batch_curvatures(chosen, plan, loss_fn, x, y).to("cpu", torch.float64)
-            total += values.sum(1)
-            peak = torch.maximum(peak, values.max(1).values.clamp(min=0))
-            count += x.shape[0]
-    assert plan is not None  # BatchSource raises on empty data
-    return LayerCurvatures(max=dict(zip(names, peak.tolist(), strict=True)),
-                           mean=dict(zip(names, (total / count).tolist(), strict=True)),
-                           n_samples=count, methods=plan.methods())
+            yield _batch_curvatures(chosen, plan, loss_fn, x, y).to("cpu", torch.float64), plan.methods()
 
 
 def layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
