@@ -231,14 +231,19 @@ class MeasureConfig:
     enabled: bool = True
     samples: int = 2048
     trace: bool = True
+    trace_rel_tol: float = 0.05  # stop when the standard error ≤ this × |estimate| …
+    trace_max_probes: int = 48  # … or after this many products (cost cap; trace_se is logged)
     eigenvalue: bool = True
-    eigen_samples: int = 256
+    eigen_samples: int = 128
+    eigen_iters: int = 15
     loss_bound: float | None = None
     every: int = 0  # also measure every N epochs (0: only at the end)
 
     def validate(self) -> None:
-        if self.samples < 1 or self.eigen_samples < 1:
-            raise ConfigError("measure.samples and measure.eigen_samples must be ≥ 1")
+        if min(self.samples, self.eigen_samples, self.eigen_iters, self.trace_max_probes) < 1:
+            raise ConfigError("measure.samples, eigen_samples, eigen_iters and trace_max_probes must be ≥ 1")
+        if not 0 < self.trace_rel_tol < 1:
+            raise ConfigError(f"measure.trace_rel_tol={self.trace_rel_tol} must be in (0, 1)")
         if self.loss_bound is not None and not self.loss_bound > 0:
             raise ConfigError(f"measure.loss_bound={self.loss_bound} must be > 0 (or null for auto)")
         if self.every < 0:
