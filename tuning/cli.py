@@ -152,6 +152,8 @@ FINAL_KEYS = (
     "distance",
     "backward_passes_per_step",
     "measure_s",
+    "trace_s",
+    "lambda_max_s",
 )
 
 
