@@ -31,6 +31,19 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "tuning.cli", *args]
 
 
+def run_sweep(env: dict[str, str], out: Path, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A sweep without measures through the CLI; it must exit 0."""
+    proc = subprocess.run(
+        cli("sweep", "--output", str(out), "--name", name, *args, *NO_MEASURE),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def runs(out: Path, name: str) -> Any:
     import mlflow
 
@@ -83,7 +96,7 @@ def test_kill_driver_then_resume_finishes_every_trial_exactly_once(tmp_path: Pat
 
 def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path: Path, env: dict[str, str]) -> None:
     space = tmp_path / "space.yaml"
-    # lr 1e6 makes the loss NaN/inf: those trials must end FAILED with the reason, the others FINISHED
+    # SGD at lr 1e8 makes the loss NaN/inf: those trials must end FAILED with the reason, the others FINISHED
     space.write_text(
         "fixed: {optim.name: sgd}\n"
         "params:\n"
@@ -91,29 +104,7 @@ def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path:
         "  optim.momentum: {float: [0.5, 0.9]}\n"
     )
     out = tmp_path / "out"
-    proc = subprocess.run(
-        cli(
-            "sweep",
-            "--space",
-            str(space),
-            "--trials",
-            "6",
-            "--epochs",
-            "2",
-            "--output",
-            str(out),
-            "--name",
-            "bad",
-            "--max-failures",
-            "0",
-            *NO_MEASURE,
-        ),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_sweep(env, out, "bad", "--space", str(space), "--trials", "6", "--epochs", "2", "--max-failures", "0")
     children, parent = runs(out, "bad")
     assert len(children) == 6 and "RUNNING" not in set(children["status"])
     lrs = children["params.optim.lr"].astype(float)
@@ -127,29 +118,7 @@ def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path:
 def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:
     out = tmp_path / "out"
     env = {**env, "HESSTUNE_FAULT": "raise-once@2", "HESSTUNE_FAULT_DIR": str(tmp_path)}
-    proc = subprocess.run(
-        cli(
-            "sweep",
-            "--space",
-            "smoke",
-            "--trials",
-            "2",
-            "--epochs",
-            "3",
-            "--output",
-            str(out),
-            "--name",
-            "retry",
-            "--max-failures",
-            "1",
-            *NO_MEASURE,
-        ),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_sweep(env, out, "retry", "--space", "smoke", "--trials", "2", "--epochs", "3", "--max-failures", "1")
     assert len(list(tmp_path.glob("fault-*"))) == 2  # each trial did fail once
     children, _ = runs(out, "retry")
     assert len(children) == 2 and set(children["status"]) == {"FINISHED"}

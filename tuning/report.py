@@ -55,24 +55,9 @@ CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
 def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     """The leaderboard and the correlation table as text."""
     board = selection.leaderboard(table, criterion).head(top)
-    cols = [
-        c
-        for c in (
-            "rank",
-            "trial_id",
-            criterion if criterion in board else "",
-            "bound",
-            "measure",
-            "val_acc",
-            "test_acc",
-            "gap",
-            "train_acc",
-        )
-        if c and c in board
-    ]
     lines = [
         f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation):",
-        board[list(dict.fromkeys(cols))].to_string(index=False, float_format=lambda x: f"{x:.4f}"),
+        board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]
     measures = [m for m in CORRELATION_MEASURES if m in table]
