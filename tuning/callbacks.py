@@ -52,9 +52,10 @@ class TrackingCallback(Callback):
         self.objective, self.sweep = objective, sweep
         self.children: dict[str, str] = {}
         self._client: Any = None
+        self._finals: dict[str, dict[str, float]] | None = None  # final metrics of finished trials
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_finals": None}
 
     @property
     def mc(self) -> Any:
@@ -84,6 +85,7 @@ class TrackingCallback(Callback):
                 self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
         if metrics.get("final"):
             self.mc.set_tag(run_id, "hesstune.final", "1")
+            self._finished()[trial.trial_id] = {"trial_id": trial.trial_id, **metrics}
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         run_id = self._child(trial)
@@ -97,10 +99,23 @@ class TrackingCallback(Callback):
         self.mc.set_terminated(run_id, status="FAILED")
 
     # -- sweep level ----------------------------------------------------------------------------
-    def update_summary(self) -> dict[str, float]:
-        from tuning.report import finished_trials
+    def _finished(self) -> dict[str, dict[str, float]]:
+        """Final metrics of the finished trials, kept in memory: this runs in Tune's driver loop,
+        so it must not query the store after every trial. Read from MLflow once per driver
+        process (a resumed sweep's earlier trials) and again, authoritatively, in ``finish``."""
+        if self._finals is None:
+            from tuning.report import finished_trials
 
-        table = finished_trials(self.uri, self.exp_id, self.parent_id)
+            table = finished_trials(self.uri, self.exp_id, self.parent_id).drop(
+                columns=["params", "run_id"], errors="ignore"
+            )
+            self._finals = {row["trial_id"]: row for row in table.to_dict("records")}
+        return self._finals
+
+    def update_summary(self, table: Any = None) -> dict[str, float]:
+        import pandas as pd
+
+        table = pd.DataFrame(list(self._finished().values())) if table is None else table
         if table.empty:
             return {}
         stats = selection.summary(table)
@@ -112,9 +127,9 @@ class TrackingCallback(Callback):
         from tuning.report import finished_trials, write_artifacts
 
         finish_orphans(self.mc, self.exp_id, self.parent_id, status="KILLED")
-        stats = self.update_summary()
-        log_metrics(self.mc, self.parent_id, {"sweep_wall_s": wall_s}, step=0)
         table = finished_trials(self.uri, self.exp_id, self.parent_id)
+        stats = self.update_summary(table)
+        log_metrics(self.mc, self.parent_id, {"sweep_wall_s": wall_s}, step=0)
         if not table.empty:
             with tempfile.TemporaryDirectory() as folder:
                 write_artifacts(table, Path(folder), criterion=self.objective)
