@@ -44,7 +44,8 @@ def _analyze(args: argparse.Namespace) -> None:
     preset = PRESETS[args.preset]
     out = Path(args.out or ROOT / "results" / preset.name)
     figures = None if args.no_figures else Path(args.figures or ROOT / "docs" / "figures")
-    lines = analyze(out, preset=preset, figures=figures)
+    raw = getattr(args, "raw", None)
+    lines = analyze(out, preset=preset, figures=figures, raw_dir=Path(raw) if raw else None)
     print("\n".join(lines))
 
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--workers", type=int, default=2, help="training processes, one torch thread each")
             p.add_argument("--raw", help="folder for per-run raw outputs (.npz: logits, curvatures); off by default")
             p.add_argument("--only", help="comma-separated settings to run (e.g. symmetric40)")
+        if name == "analyze":
+            p.add_argument("--raw", help="raw outputs of the run step: fills columns added after a run was recorded")
         if name in ("analyze", "all"):
             p.add_argument("--figures", help="figure folder (default docs/figures)")
             p.add_argument("--no-figures", action="store_true")

@@ -27,9 +27,9 @@ from scipy import stats as sps
 
 from tuning.selection import granulated_kendall, kendall_tau, partial_kendall, spearman_rho
 
-from .criteria import CRITERIA, TUNED, bound_floor, delivered, guard_excess, pick
+from .criteria import CRITERIA, REFERENCES, TUNED, bound_floor, delivered, guard_excess, pick
 from .design import Preset
-from .runner import load_rows
+from .runner import enrich_from_raw, load_rows
 
 __all__ = ["analyze", "correlation_table", "key_lines", "load_trials", "selection_table", "write_trials"]
 
@@ -90,7 +90,9 @@ COLUMNS = [
     "train_trunc",
     "train_cons",
     "test_trunc_clean",
+    "val_acc_corr",
     "val_correct",
+    "val_pred",
     "train_s",
     "measure_s",
     "run_cpu_s",
@@ -102,9 +104,16 @@ TARGETS = {"gap": "gap", "test_loss": "test_loss"}
 # --------------------------------------------------------------------------- data
 
 
-def write_trials(out: Path) -> pd.DataFrame:
-    """runs.jsonl → trials.csv (compact: 6 significant digits), returns the frame."""
-    frame = pd.DataFrame(load_rows(out / "runs.jsonl"))
+def write_trials(out: Path, raw_dir: Path | None = None) -> pd.DataFrame:
+    """runs.jsonl → trials.csv (compact: 6 significant digits), returns the frame. With ``raw_dir``,
+    columns added after a run was recorded are filled from its raw outputs, and the noisy
+    validation labels per search are written to ``val_labels.json``."""
+    rows = load_rows(out / "runs.jsonl")
+    if raw_dir is not None:
+        labels = enrich_from_raw(rows, raw_dir)
+        if labels:
+            (out / "val_labels.json").write_text(json.dumps(dict(sorted(labels.items()))))
+    frame = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in frame.columns:
             frame[col] = np.nan
@@ -114,9 +123,26 @@ def write_trials(out: Path) -> pd.DataFrame:
 
 
 def load_trials(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype={"val_correct": str})
+    """trials.csv plus derived columns; with ``val_labels.json`` beside it, also the per-sample
+    corrected validation scores (F⁻¹)[ỹ_j, h(x_j)] as an in-memory column ``val_scores``."""
+    frame = pd.read_csv(path, dtype={"val_correct": str, "val_pred": str})
     frame["bound_floor"] = bound_floor(frame)
     frame["guard_excess"] = guard_excess(frame)
+    labels_path = path.parent / "val_labels.json"
+    if labels_path.is_file() and "val_pred" in frame:
+        labels = json.loads(labels_path.read_text())
+        scores: list[Any] = []
+        for search, pred in zip(frame["search"], frame["val_pred"], strict=True):
+            entry = labels.get(search)
+            if entry is None or not isinstance(pred, str):
+                scores.append(None)
+                continue
+            noisy = np.frombuffer(entry["val_noisy"].encode(), dtype=np.uint8) - 48
+            h = np.frombuffer(pred.encode(), dtype=np.uint8) - 48
+            k = int(max(noisy.max(), h.max())) + 1
+            inv = np.eye(k) if entry["F"] is None else np.linalg.inv(np.asarray(entry["F"]))
+            scores.append(inv[noisy, h])
+        frame["val_scores"] = scores
     return frame
 
 
@@ -166,6 +192,20 @@ def search_correlations(group: pd.DataFrame) -> dict[str, float]:
     out["bound_holds"] = float((group["bound"] >= group["test_bound_loss_noisy"]).mean())
     out["bound_holds_clean"] = float((group["bound"] >= group["test_bound_loss_clean"]).mean())
     out["memorized_median"] = float(group["memorized"].median())
+    out["gap_slope"] = gap_slope(group)
+    fgap = group["test_bound_loss_noisy"] - group["bound_loss"]
+    out["pearson_gapB_measure"] = float(np.corrcoef(fgap, group["measure"])[0, 1])
+    # why a bound ranks badly: its slack (B − what it bounds) varies between candidates, and
+    # against the target's own spread; τ(slack, target) < 0 means the slack shrinks exactly
+    # where the target grows (memorisers)
+    target = group["test_bound_loss_noisy"]
+    slack = group["bound"] - target
+    out["slack_sd_ratio"] = float(slack.std() / target.std()) if target.std() > 0 else math.nan
+    out["tau_slack_target"] = kendall_tau(slack, target)
+    out["tau_bound_target"] = kendall_tau(group["bound"], target)
+    out["tau_val_target"] = (
+        kendall_tau(group["val_bound_loss"], target) if group["val_bound_loss"].notna().any() else math.nan
+    )
     return out
 
 
@@ -184,12 +224,7 @@ def _choose_constant(
 ) -> tuple[float, str]:
     """The grid value with the best mean accuracy on searches of other seeds *and* other settings
     (same arm); only other seeds if no other setting exists yet. Ties → median tied value."""
-    setting, _size, seed, arm = key
-    pool = [k for k in scores if k[2] != seed and k[0] != setting and k[3] == arm]
-    source = "other seeds+settings"
-    if not pool:
-        pool = [k for k in scores if k[2] != seed and k[3] == arm]
-        source = "other seeds (same setting)"
+    pool, source = _held_out(list(scores), key)
     grid = TUNED[name]
     means = np.array([np.nanmean([scores[k][c] for k in pool]) if pool else math.nan for c in grid])
     if not np.isfinite(means).any():
@@ -198,10 +233,27 @@ def _choose_constant(
     return float(grid[best[len(best) // 2]]), source
 
 
+def gap_slope(group: pd.DataFrame) -> float:
+    """κ: least-squares slope through the origin of B's loss gap (noisy test − train) on M."""
+    gap = group["test_bound_loss_noisy"].to_numpy(float) - group["bound_loss"].to_numpy(float)
+    m = group["measure"].to_numpy(float)
+    ok = np.isfinite(gap) & np.isfinite(m)
+    return float((gap[ok] * m[ok]).sum() / (m[ok] ** 2).sum()) if ok.any() and (m[ok] ** 2).sum() > 0 else math.nan
+
+
+def _held_out(keys: list[tuple[Any, ...]], key: tuple[Any, ...]) -> tuple[list[tuple[Any, ...]], str]:
+    setting, _size, seed, arm = key
+    pool = [k for k in keys if k[2] != seed and k[0] != setting and k[3] == arm]
+    if pool:
+        return pool, "other seeds+settings"
+    return [k for k in keys if k[2] != seed and k[3] == arm], "other seeds (same setting)"
+
+
 def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Long table: one row per (search, criterion) with delivered test accuracy and regret."""
     searches = _searches(frame)
     tuned_scores: dict[str, dict[tuple[Any, ...], dict[float, float]]] = {name: {} for name in TUNED}
+    slopes = {key: gap_slope(group) for key, group in searches}
     for key, group in searches:
         for name, grid in TUNED.items():
             tuned_scores[name][key] = {c: delivered(group, pick(name, group, c)) for c in grid}
@@ -209,10 +261,13 @@ def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
     for key, group in searches:
         oracle = float(group["test_acc"].max())
         base = {**dict(zip(SEARCH, key, strict=True)), "oracle": oracle, "mean_acc": float(group["test_acc"].mean())}
-        for name, (spec, _) in CRITERIA.items():
+        for name, (spec, _) in {**CRITERIA, **REFERENCES}.items():
             constant, source = (None, "")
             if name in TUNED:
                 constant, source = _choose_constant(name, tuned_scores[name], key)
+            elif name == "bound_calibrated":
+                keys, source = _held_out(list(slopes), key)
+                constant = float(np.nanmedian([slopes[k] for k in keys])) if keys else None
             picks = pick(name, group, constant)
             acc = delivered(group, picks)
             rows.append(
@@ -220,6 +275,7 @@ def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
                     **base,
                     "criterion": name,
                     "hessian": spec.hessian,
+                    "reference": name in REFERENCES,
                     "needs_val": spec.needs_val,
                     "acc": acc,
                     "regret": oracle - acc,
@@ -287,6 +343,52 @@ def summarise(table: pd.DataFrame, value: str = "regret") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_vs(table: pd.DataFrame, ref: str = "val_acc", arm: str = "tv", by: str | None = None) -> pd.DataFrame:
+    """Regret of each criterion minus the regret of ``ref`` on the same search, pooled over the
+    searches of ``arm`` (optionally per ``by``): mean, 95 % t-interval, wins/ties/losses."""
+    t = table[(table["arm"] == arm) & table["regret"].notna()]
+    base = t[t["criterion"] == ref].set_index(SEARCH)["regret"]
+    rows = []
+    groups = t.groupby(by, sort=False) if by else [("all", t)]
+    for level, g in groups:
+        for crit, c in g.groupby("criterion", sort=False):
+            d = c.set_index(SEARCH)["regret"] - base.reindex(c.set_index(SEARCH).index)
+            d = d.dropna().to_numpy()
+            mean, _sd, half, n = _ci(d)
+            rows.append(
+                {
+                    "group": level,
+                    "criterion": crit,
+                    "delta": mean,
+                    "ci": half,
+                    "n": n,
+                    "wins": int((d < -1e-9).sum()),
+                    "ties": int((np.abs(d) <= 1e-9).sum()),
+                    "losses": int((d > 1e-9).sum()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    groups = list(dict.fromkeys(paired["group"]))
+    lines = [
+        "| criterion | " + " | ".join(f"{g}: Δ regret (W/T/L)" for g in groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    for c in [c for c in ORDER if c in set(paired["criterion"])]:
+        cells = []
+        for g in groups:
+            r = paired[(paired["criterion"] == c) & (paired["group"] == g)]
+            if not len(r):
+                cells.append("–")
+                continue
+            r = r.iloc[0]
+            cells.append(f"{_fmt(r['delta'], r['ci'])} ({r['wins']}/{r['ties']}/{r['losses']})")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- no validation split
 
 
@@ -317,7 +419,7 @@ def no_val_table(frame: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
             & (table["seed"] == key[2])
         ]
         for _, r in sel.iterrows():
-            if r["needs_val"] or r["criterion"] == "random":
+            if r["needs_val"] or r["criterion"] == "random" or r.get("reference") is True:
                 continue
             rows.append({**base, "procedure": f"(a) {r['criterion']} on pool", "acc": r["acc"]})
     out = pd.DataFrame(rows)
@@ -399,10 +501,9 @@ def draw_figures(frame: pd.DataFrame, folder: Path) -> list[Path]:
         fig, axes = plt.subplots(
             len(sizes),
             len(settings),
-            figsize=(2.3 * len(settings), 2.2 * len(sizes)),
+            figsize=(2.4 * len(settings) + 1.0, 2.4 * len(sizes)),
             squeeze=False,
-            sharex=False,
-            sharey=False,
+            constrained_layout=True,
         )
         for i, size in enumerate(sizes):
             for j, setting in enumerate(settings):
@@ -422,9 +523,33 @@ def draw_figures(frame: pd.DataFrame, folder: Path) -> list[Path]:
                     ax.set_xlabel(xlabel, fontsize=6)
                 if j == 0:
                     ax.set_ylabel(ylabel, fontsize=6)
-        fig.colorbar(sc, ax=axes, shrink=0.6, label="memorised fraction of noisy labels")
+        fig.colorbar(sc, ax=axes, shrink=0.6).set_label("memorised fraction of noisy labels", fontsize=7)
         path = folder / name
-        fig.savefig(path, dpi=72)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    headline = tv[(tv["setting"] == "symmetric40") & (tv["size"] == "full")]
+    if not headline.empty:
+        fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.0), constrained_layout=True)
+        for ax, (col, label) in zip(
+            axes,
+            (
+                ("bound", "B (lower = picked)"),
+                ("measure", "M (lower = picked)"),
+                ("val_acc", "noisy val acc (higher = picked)"),
+            ),
+            strict=True,
+        ):
+            sc = ax.scatter(
+                headline[col], headline["test_acc"], c=headline["memorized"], s=6, cmap="viridis", vmin=0, vmax=1
+            )
+            ax.set_xlabel(label, fontsize=8)
+            ax.set_ylabel("clean test accuracy", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.colorbar(sc, ax=axes, shrink=0.8).set_label("memorised fraction", fontsize=7)
+        fig.suptitle("symmetric 40 %, full size, tv arm: every candidate of the 3 seeds", fontsize=9)
+        path = folder / "criteria_vs_test_acc.png"
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)
     return written
@@ -443,16 +568,22 @@ def _fmt(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str
 
 ORDER = [
     "val_acc",
+    "val_acc_corr",
+    "val_corr_band_bound",
     "val_loss",
     "val_band_bound",
+    "val_band_bound_unpaired",
     "val_band_measure",
     "val_band_bound_tuned",
+    "val_bound_loss",
     "bound",
     "bound_floor",
     "guard_bound",
     "guard_measure",
     "measure_at_fit",
     "measure",
+    "bound_weight_tuned",
+    "bound_calibrated",
     "bound_trunc",
     "bound_cons",
     "guard_train_loss",
@@ -461,6 +592,9 @@ ORDER = [
     "random",
     "hessian_best",
     "hessian_best_labelfree",
+    "ideal_bound",
+    "ideal_clean_loss",
+    "ideal_noisy_acc",
 ]
 
 
@@ -564,12 +698,17 @@ def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, setting
 
 
 def analyze(
-    out: Path, *, preset: Preset | None = None, figures: Path | None = None, subsearch_k: int | None = 6
+    out: Path,
+    *,
+    preset: Preset | None = None,
+    figures: Path | None = None,
+    subsearch_k: int | None = 6,
+    raw_dir: Path | None = None,
 ) -> list[str]:
     """Everything from ``out/runs.jsonl`` (or an existing ``trials.csv``): tables.md, summary.json,
     selection.csv, correlations.csv, figures; returns the printed summary lines."""
     trials_path = out / "trials.csv"
-    frame = write_trials(out) if (out / "runs.jsonl").is_file() else load_trials(trials_path)
+    frame = write_trials(out, raw_dir) if (out / "runs.jsonl").is_file() else load_trials(trials_path)
     frame = complete_searches(frame)
     corr = correlation_table(frame)
     table = selection_table(frame)
@@ -588,12 +727,28 @@ def analyze(
     for (setting, size), _ in corr[corr["arm"] == "tv"].groupby(["setting", "size"], sort=False):
         parts += [f"## Correlations, {setting} {size} (tv arm)", "", correlation_markdown(corr, setting, size), ""]
         bh = corr[(corr["setting"] == setting) & (corr["size"] == size) & (corr["arm"] == "tv")]["bound_holds"]
+        sel = corr[(corr["setting"] == setting) & (corr["size"] == size) & (corr["arm"] == "tv")]
         parts += [
             f"B ≥ noisy test loss (same loss) in {bh.mean() * 100:.0f} % of candidates (per seed: "
             + " / ".join(f"{v * 100:.0f}" for v in bh)
-            + ")",
+            + f"). B's loss gap vs M: Pearson r = {sel['pearson_gapB_measure'].mean():.2f}, slope κ = "
+            + " / ".join(f"{v:.2f}" for v in sel["gap_slope"])
+            + f" per seed, against √C = {math.sqrt(float(frame[frame['setting'] == setting]['bound_C'].iloc[0])):.2f}; "
+            + f"sd(B − target)/sd(target) = {sel['slack_sd_ratio'].mean():.1f}, "
+            + f"τ(B, target) = {sel['tau_bound_target'].mean():.2f}, τ(noisy-val loss, target) = "
+            + f"{sel['tau_val_target'].mean():.2f}.",
             "",
         ]
+    paired = pd.concat(
+        [paired_vs(table, by="size"), paired_vs(table, by="setting"), paired_vs(table)], ignore_index=True
+    )
+    parts += [
+        "## Regret minus val_acc's regret on the same search (tv arm, points; W/T/L = searches where the "
+        "criterion is better / equal / worse)",
+        "",
+        paired_markdown(paired),
+        "",
+    ]
     if not nv.empty:
         parts += ["## No validation split (pool arm)", no_val_markdown(nv), ""]
     sub = pd.DataFrame()
@@ -620,6 +775,7 @@ def analyze(
     (out / "tables.md").write_text("\n".join(parts) + "\n")
     corr.to_csv(out / "correlations.csv", index=False, float_format="%.4g")
     table.to_csv(out / "selection.csv", index=False, float_format="%.4g")
+    paired.to_csv(out / "paired.csv", index=False, float_format="%.4g")
     if not nv.empty:
         nv.to_csv(out / "no_val.csv", index=False, float_format="%.4g")
     if not sub.empty:

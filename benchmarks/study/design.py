@@ -101,6 +101,16 @@ PRESETS: dict[str, Preset] = {
             "noise at 0/20/60 %, both sizes, 3 seeds; the no-validation (pool) arm at symmetric 40 %",
         ),
         Preset(
+            "kinds",
+            settings=("pair20", "correlated20", "pair60", "correlated60"),
+            sizes=("full", "half"),
+            seeds=(0, 1, 2),
+            runs=12,
+            arms=("tv",),
+            note="class-dependent noise at 20 % and 60 % (tv arm only), completing the issue's grid "
+            "with the default preset; ≈40 min on two idle cores",
+        ),
+        Preset(
             "headline",
             settings=("symmetric40",),
             sizes=("full", "half"),

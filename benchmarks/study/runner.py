@@ -126,6 +126,22 @@ def _consistent_loss(logits: Any, labels: Any, transition: np.ndarray | None, ca
     return float((inv[labels] * per_class).sum(dim=1).mean())
 
 
+def corrected_accuracy(pred: np.ndarray, noisy: np.ndarray, transition: np.ndarray | None) -> float:
+    """Unbiased estimate of *clean* accuracy from noisy labels: mean_j (F⁻¹)[ỹ_j, h(x_j)].
+
+    E[(F⁻¹)[ỹ, h] | y] = Σ_k F[y, k] (F⁻¹)[k, h] = 1(h = y) for class-conditional noise with
+    transition F. Under symmetric noise it is an increasing affine map of the noisy accuracy (same
+    ranking); under pair or other class-dependent noise the plain noisy accuracy gives partial
+    credit to exactly the errors the noise makes (a model that learned the flips), this does not.
+    """
+    pred, noisy = np.asarray(pred), np.asarray(noisy)
+    if transition is None:
+        return float((pred == noisy).mean())
+    if np.linalg.cond(transition) > 1e8:
+        return math.nan
+    return float(np.linalg.inv(transition)[noisy, pred].mean())
+
+
 def _bits(correct: Any) -> str:
     return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
 
@@ -170,6 +186,8 @@ def _checkpoint_row(
     if data.val is not None:
         row["val_bound_loss"] = bound_terms(logits["val"], data.val.labels, transition, None)[0]
         row["val_correct"] = _bits(logits["val"].argmax(1) == data.val.labels)
+        row["val_pred"] = "".join(map(str, logits["val"].argmax(1).tolist())) if k <= 10 else ""
+        row["val_acc_corr"] = corrected_accuracy(logits["val"].argmax(1).numpy(), data.val.labels.numpy(), transition)
     row["measure_s"] = time.perf_counter() - tic
     raw = {f"logits_{split}": v.numpy().astype(np.float32) for split, v in logits.items()}
     raw["q"] = q.numpy().astype(np.float32)
@@ -319,6 +337,54 @@ def finished_keys(store: Path) -> set[str]:
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by a kill: that run is simply redone
     return keys
+
+
+def transition_for(setting: str, k: int, train_clean: np.ndarray, train_noisy: np.ndarray) -> np.ndarray | None:
+    """The transition matrix the run used (trainables.data._transition), rebuilt from the setting."""
+    from trainables.noise import empirical_transition, pair_transition, symmetric_transition
+
+    from .design import Setting
+
+    noise = Setting.parse(setting)
+    if noise.kind == "none" or noise.rate == 0:
+        return None
+    if noise.kind == "symmetric":
+        return symmetric_transition(k, noise.rate)
+    if noise.kind == "pair":
+        return pair_transition(k, noise.rate)
+    return empirical_transition(train_clean, train_noisy, k)
+
+
+def enrich_from_raw(rows: list[dict[str, Any]], raw_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Fill ``val_pred`` and ``val_acc_corr`` of rows recorded before they existed, from the raw
+    per-run outputs; returns per search the noisy validation labels and the transition matrix
+    (``val_labels.json``: what paired statistics of the corrected validation accuracy need)."""
+    raw_dir = Path(raw_dir)
+    labels: dict[str, dict[str, Any]] = {}
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_run.setdefault(row["trial_id"].rsplit("-e", 1)[0], []).append(row)
+    for key, run_rows in by_run.items():
+        if run_rows[0]["n_val"] == 0:
+            continue
+        path = raw_dir / f"{key}.npz"
+        if not path.is_file():
+            continue
+        with np.load(path) as raw:
+            noisy = raw["val_noisy"]
+            k = int(run_rows[0]["num_classes"])
+            transition = transition_for(run_rows[0]["setting"], k, raw["train_clean"], raw["train_noisy"])
+            labels[run_rows[0]["search"]] = {
+                "val_noisy": "".join(map(str, noisy.tolist())),
+                "F": None if transition is None else np.round(transition, 10).tolist(),
+            }
+            for row in run_rows:
+                if "val_acc_corr" in row and "val_pred" in row:
+                    continue
+                pred = raw[f"e{int(row['epochs'])}_logits_val"].argmax(1)
+                row["val_pred"] = "".join(map(str, pred.tolist()))
+                row["val_acc_corr"] = corrected_accuracy(pred, noisy, transition)
+    return labels
 
 
 def load_rows(store: Path) -> list[dict[str, Any]]:
