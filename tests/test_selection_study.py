@@ -156,3 +156,56 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
     assert row["measure"] == pytest.approx(final["measure"], rel=1e-5)
     assert row["bound"] == pytest.approx(final["bound"], rel=1e-5)
     assert row["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- registry additions (tuning.selection)
+
+
+def test_noise_constants_closed_forms() -> None:
+    from tuning.selection import noise_constants
+
+    h, a = noise_constants("symmetric", 0.4, 5)
+    assert a == pytest.approx(0.6)
+    assert h == pytest.approx(-(0.6 * math.log(0.6) + 0.4 * math.log(0.1)))  # 1.2275
+    assert noise_constants("pair", 0.2, 5) == pytest.approx((-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)), 0.8))
+    assert noise_constants("none", 0.0, 5) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="correlated"):
+        noise_constants("correlated", 0.4, 5)
+
+
+def test_val_band_bound_picks_lowest_bound_among_near_equal_validation_scores() -> None:
+    from tuning.selection import add_selection_metrics, select
+
+    trials = [
+        {"trial_id": "best_val", "val_acc": 0.60, "bound": 2.0},
+        {"trial_id": "near", "val_acc": 0.58, "bound": 1.5},  # within √(.6·.4/100) = 0.049
+        {"trial_id": "far", "val_acc": 0.50, "bound": 1.0},
+    ]
+    with pytest.raises(ValueError, match="n_val"):
+        add_selection_metrics(trials)
+    frame = add_selection_metrics(trials, n_val=100)
+    assert select(frame, "val_acc") == "best_val"
+    assert select(frame, "val_band_bound") == "near"
+    assert select(add_selection_metrics(trials, n_val=100, band_z=0.0), "val_band_bound") == "best_val"
+    assert select(add_selection_metrics(trials, n_val=100, band_z=3.0), "val_band_bound") == "far"
+    with pytest.raises(ValueError, match="unknown metric 'val_band_bound'"):
+        select(trials, "val_band_bound")  # the derived metric was not added
+
+
+def test_bound_floor_in_the_registry_matches_the_study() -> None:
+    from tuning.selection import add_selection_metrics, select
+
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["memoriser", "fit"],
+            "bound": [0.6 + 0.3, 1.3 + 0.2],
+            "bound_loss": [0.6, 1.3],
+            "bound_C": [math.log(10)] * 2,
+            "measure": [0.3 / math.sqrt(math.log(10)), 0.2 / math.sqrt(math.log(10))],
+        }
+    )
+    frame = add_selection_metrics(trials, noise_entropy=1.2275)
+    assert select(frame, "bound") == "memoriser"
+    assert select(frame, "bound_floor") == "fit"
+    study = _search(bound_loss=[0.6, 1.3, 2.0, 2.0], measure=list(trials["measure"]) + [1.0, 1.0])
+    np.testing.assert_allclose(criteria.bound_floor(study)[:2], frame["bound_floor"])

@@ -518,3 +518,88 @@ def summary(trials: TrialTable) -> dict[str, float]:
     stats = {**_correlation_stats(frame), **_selection_stats(frame)}
     stats["n_trials"] = float(len(frame))
     return stats
+
+
+# =========================================================================== criteria from the selection study
+#
+# Added by the selection study (issue #6; benchmarks/selection_study.py, numbers in docs/results.md).
+# Nothing above this line changed behaviour. These criteria rank by *derived* metrics that depend
+# on the whole sweep or on the noise model, so a caller first adds them with
+# :func:`add_selection_metrics`; without it :func:`select` raises ValueError naming the missing metric.
+
+
+def noise_constants(kind: str, rate: float, num_classes: int) -> tuple[float, float]:
+    """(H_F, A_F) of a known noise model: the mean row entropy of the transition matrix F (nats)
+    and its mean diagonal.
+
+    H_F is the lowest population loss on noisy labels any model can reach when the clean label is
+    a function of x (the noisy label then has exactly the entropy of F's row); A_F is the noisy-label
+    accuracy of a perfect clean classifier. Symmetric: F = (1 − r) I + r/(K − 1) off the diagonal;
+    pair: c → c + 1 with rate r; ``none``: (0, 1). Correlated noise has no closed form (pass the
+    measured values to :func:`add_selection_metrics` instead).
+    """
+    if kind == "none" or rate == 0:
+        return 0.0, 1.0
+    if not 0 < rate < 1 or num_classes < 2:
+        raise ValueError(f"noise rate {rate} must be in (0, 1) and num_classes {num_classes} ≥ 2")
+    if kind == "symmetric":
+        off = rate / (num_classes - 1)
+        entropy = -(1 - rate) * math.log(1 - rate) - rate * math.log(off)
+        return entropy, 1 - rate
+    if kind == "pair":
+        return -(1 - rate) * math.log(1 - rate) - rate * math.log(rate), 1 - rate
+    raise ValueError(f"noise kind {kind!r} has no closed-form F: pass noise_entropy measured from F")
+
+
+def add_selection_metrics(
+    trials: TrialTable,
+    *,
+    n_val: int | None = None,
+    noise_entropy: float | None = None,
+    band_z: float = 1.0,
+) -> pd.DataFrame:
+    """The trial table with the derived metrics of the study's criteria added.
+
+    * ``val_band_bound``: ``bound`` for the trials whose ``val_acc`` is within ``band_z`` binomial
+      standard errors √(a(1 − a)/n_val) of the best a, NaN for the others (so the criterion of the
+      same name picks the lowest B among near-equal validation scores). ``n_val``: the validation
+      size (or a ``n_val`` column). Needs ``val_acc`` and ``bound``.
+    * ``bound_floor`` (when ``noise_entropy`` is given and the table has ``bound_loss``,
+      ``bound_C`` and ``measure``): max(L̂, H_F) + √C · M, B with its loss term floored at the noise
+      entropy (:func:`noise_constants`), which removes B's reward for fitting noisy labels.
+    """
+    frame = _frame(trials)
+    acc, bound = frame["val_acc"].to_numpy(), frame["bound"].to_numpy()
+    if np.isfinite(acc).any():
+        size = n_val if n_val is not None else (frame["n_val"].to_numpy(float) if "n_val" in frame else None)
+        if size is None:
+            raise ValueError("val_band_bound needs the validation size: pass n_val or add a 'n_val' column")
+        best = float(np.nanmax(acc))
+        width = band_z * np.sqrt(best * (1 - best) / np.asarray(size, dtype=float))
+        frame["val_band_bound"] = np.where(acc >= best - width - 1e-12, bound, np.nan)
+    else:
+        frame["val_band_bound"] = np.nan
+    if noise_entropy is not None and {"bound_loss", "bound_C"} <= set(frame.columns):
+        loss = np.maximum(_numeric(frame, "bound_loss").to_numpy(), noise_entropy)
+        frame["bound_floor"] = loss + np.sqrt(_numeric(frame, "bound_C").to_numpy()) * frame["measure"].to_numpy()
+    return frame
+
+
+for _study in (
+    Criterion(
+        "val_band_bound",
+        "val_band_bound",
+        "min",
+        "lowest Hessian bound B among trials whose noisy-validation accuracy is within one binomial "
+        "standard error of the best (needs add_selection_metrics); ties broken by higher val_acc",
+        tie_breakers=(("val_acc", "max"),),
+    ),
+    Criterion(
+        "bound_floor",
+        "bound_floor",
+        "min",
+        "lowest B with its loss term floored at the noise entropy H_F (needs add_selection_metrics "
+        "with the noise model); no validation split needed",
+    ),
+):
+    register_criterion(_study)
