@@ -207,5 +207,5 @@ def test_bound_floor_in_the_registry_matches_the_study() -> None:
     frame = add_selection_metrics(trials, noise_entropy=1.2275)
     assert select(frame, "bound") == "memoriser"
     assert select(frame, "bound_floor") == "fit"
-    study = _search(bound_loss=[0.6, 1.3, 2.0, 2.0], measure=list(trials["measure"]) + [1.0, 1.0])
+    study = _search(bound_loss=[0.6, 1.3, 2.0, 2.0], measure=[*list(trials["measure"]), 1.0, 1.0])
     np.testing.assert_allclose(criteria.bound_floor(study)[:2], frame["bound_floor"])
