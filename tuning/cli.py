@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--objective",
         default=selection.DEFAULT_CRITERION,
-        help=f"what Optuna optimises and what selects: {', '.join(selection.list_criteria())} (oracle excluded)",
+        help="what Optuna optimises and what selects: bound (default), measure, val_acc or val_loss",
     )
     s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
     s.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for Ray results and the default MLflow store")

@@ -80,6 +80,11 @@ class SweepPaths:
         return self.experiment / META_FILE
 
 
+# Criteria whose metric every trial reports, so Optuna can optimise it (the study's extra
+# criteria are computed after the fact over a whole search; use them with ``report --criterion``).
+SWEEP_OBJECTIVES = ("bound", "measure", "val_acc", "val_loss")
+
+
 def objective_metric(objective: str) -> tuple[str, str]:
     """(metric, mode) of a selection criterion usable as the search objective."""
     try:
@@ -90,6 +95,8 @@ def objective_metric(objective: str) -> tuple[str, str]:
         raise SweepError(
             f"--objective {objective} uses the clean test labels (evaluation only): use bound, measure or val_acc"
         )
+    if objective not in SWEEP_OBJECTIVES:
+        raise SweepError(f"--objective {objective} is not reported by trials: use one of {', '.join(SWEEP_OBJECTIVES)}")
     return crit.metric, crit.direction
 
 
