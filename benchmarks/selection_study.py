@@ -41,11 +41,21 @@ def _run(args: argparse.Namespace) -> None:
 def _analyze(args: argparse.Namespace) -> None:
     from benchmarks.study.analysis import analyze
 
-    preset = PRESETS[args.preset]
-    out = Path(args.out or ROOT / "results" / preset.name)
+    presets = args.preset if isinstance(args.preset, list) else [args.preset]
+    if len(presets) > 1 and args.out is None:
+        out = ROOT / "results" / "study"  # the union of several presets
+    else:
+        out = Path(args.out or ROOT / "results" / presets[0])
+    stores = [
+        (Path(args.out) if args.out and len(presets) == 1 else ROOT / "results" / p) / "runs.jsonl" for p in presets
+    ]
     figures = None if args.no_figures else Path(args.figures or ROOT / "docs" / "figures")
-    raw = getattr(args, "raw", None)
-    lines = analyze(out, preset=preset, figures=figures, raw_dir=Path(raw) if raw else None)
+    raw = getattr(args, "raw", None) or []
+    raw = [raw] if isinstance(raw, str) else raw
+    docs = Path(args.docs) if getattr(args, "docs", None) else None
+    lines = analyze(
+        out, stores=stores, title=" + ".join(presets), figures=figures, raw_dirs=[Path(r) for r in raw], docs=docs
+    )
     print("\n".join(lines))
 
 
@@ -55,18 +65,33 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "analyze", "all"):
         p = sub.add_parser(name)
-        p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+        if name == "analyze":
+            p.add_argument(
+                "--preset",
+                action="append",
+                choices=sorted(PRESETS),
+                help="preset(s) whose results to analyse together (default: default); several → results/study",
+            )
+        else:
+            p.add_argument("--preset", default="default", choices=sorted(PRESETS))
         p.add_argument("--out", help="output folder (default results/<preset>)")
         if name in ("run", "all"):
             p.add_argument("--workers", type=int, default=2, help="training processes, one torch thread each")
             p.add_argument("--raw", help="folder for per-run raw outputs (.npz: logits, curvatures); off by default")
             p.add_argument("--only", help="comma-separated settings to run (e.g. symmetric40)")
         if name == "analyze":
-            p.add_argument("--raw", help="raw outputs of the run step: fills columns added after a run was recorded")
+            p.add_argument(
+                "--raw",
+                action="append",
+                help="raw outputs of the run step: fills columns added after a run was recorded",
+            )
         if name in ("analyze", "all"):
             p.add_argument("--figures", help="figure folder (default docs/figures)")
             p.add_argument("--no-figures", action="store_true")
+            p.add_argument("--docs", help="a markdown file whose <!-- begin:NAME --> blocks get the new tables")
     args = parser.parse_args(argv)
+    if args.command == "analyze" and not args.preset:
+        args.preset = ["default"]
     if args.command in ("run", "all"):
         _run(args)
     if args.command in ("analyze", "all"):

@@ -28,7 +28,6 @@ from scipy import stats as sps
 from tuning.selection import granulated_kendall, kendall_tau, partial_kendall, spearman_rho
 
 from .criteria import CRITERIA, REFERENCES, TUNED, bound_floor, delivered, guard_excess, pick
-from .design import Preset
 from .runner import enrich_from_raw, load_rows
 
 __all__ = ["analyze", "correlation_table", "key_lines", "load_trials", "selection_table", "write_trials"]
@@ -104,15 +103,22 @@ TARGETS = {"gap": "gap", "test_loss": "test_loss"}
 # --------------------------------------------------------------------------- data
 
 
-def write_trials(out: Path, raw_dir: Path | None = None) -> pd.DataFrame:
-    """runs.jsonl → trials.csv (compact: 6 significant digits), returns the frame. With ``raw_dir``,
-    columns added after a run was recorded are filled from its raw outputs, and the noisy
-    validation labels per search are written to ``val_labels.json``."""
-    rows = load_rows(out / "runs.jsonl")
-    if raw_dir is not None:
-        labels = enrich_from_raw(rows, raw_dir)
-        if labels:
-            (out / "val_labels.json").write_text(json.dumps(dict(sorted(labels.items()))))
+def write_trials(out: Path, stores: list[Path], raw_dirs: list[Path] = ()) -> pd.DataFrame:  # type: ignore[assignment]
+    """runs.jsonl stores → ``out/trials.csv`` (compact: 6 significant digits), returns the frame.
+    With ``raw_dirs``, columns added after a run was recorded are filled from its raw outputs.
+    The noisy validation labels and F per search go to ``val_labels.json`` (from the raw outputs,
+    or from the rows' own ``val_labels`` records)."""
+    rows = [row for store in stores for row in load_rows(store)]
+    labels: dict[str, Any] = {}
+    for raw_dir in raw_dirs:
+        labels.update(enrich_from_raw(rows, raw_dir))
+    for row in rows:
+        entry = row.pop("val_labels", None)
+        if entry is not None:
+            labels.setdefault(row["search"], entry)
+    out.mkdir(parents=True, exist_ok=True)
+    if labels:
+        (out / "val_labels.json").write_text(json.dumps(dict(sorted(labels.items()))))
     frame = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in frame.columns:
@@ -323,6 +329,82 @@ def _best_hessian_rows(table: pd.DataFrame) -> pd.DataFrame:
             row.update({"criterion": label, "chosen": chosen, "constant_from": source})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+KEY_CRITERIA = [
+    "val_acc",
+    "val_band_bound",
+    "bound",
+    "bound_trunc",
+    "bound_floor",
+    "measure_at_fit",
+    "measure",
+    "guard_train_loss",
+    "ideal_bound",
+    "ideal_noisy_acc",
+    "random",
+]
+SETTING_ORDER = [
+    "clean",
+    "symmetric20",
+    "symmetric40",
+    "symmetric60",
+    "pair20",
+    "pair40",
+    "pair60",
+    "correlated20",
+    "correlated40",
+    "correlated60",
+]
+
+
+def _setting_rank(setting: str) -> int:
+    return SETTING_ORDER.index(setting) if setting in SETTING_ORDER else len(SETTING_ORDER)
+
+
+def _setting_keys(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    keys = set(zip(frame["setting"], frame["size"], strict=True))
+    return sorted(keys, key=lambda k: (_setting_rank(k[0]), k[1] != "full"))
+
+
+def key_regret_markdown(summary: pd.DataFrame, arm: str = "tv", criteria: list[str] = KEY_CRITERIA) -> str:
+    """Rows (setting, size), columns the key criteria: mean regret ± 95 % CI half-width (points).
+    The published table of docs/results.md; a test re-derives cells of it from trials.csv."""
+    s = summary[summary["arm"] == arm]
+    crits = [c for c in criteria if c in set(s["criterion"])]
+    lines = ["| setting | size | " + " | ".join(crits) + " |", "|---|---" + "|---" * len(crits) + "|"]
+    for setting, size in _setting_keys(s):
+        cells = []
+        for c in crits:
+            r = s[(s["criterion"] == c) & (s["setting"] == setting) & (s["size"] == size)]
+            cells.append(_fmt(float(r["mean"].iloc[0]), float(r["ci"].iloc[0])) if len(r) else "–")
+        lines.append(f"| {setting} | {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def correlation_summary_markdown(corr: pd.DataFrame, frame: pd.DataFrame, arm: str = "tv") -> str:
+    """One row per (setting, size): means over seeds of the measure-vs-gap statistics."""
+    c = corr[corr["arm"] == arm]
+    head = (
+        "| setting | size | τ(M, gap) | ρ(M, gap) | partial τ(M, gap \\| train loss) | τ(M, clean test loss) | "
+        "Ψ_run(M) | Ψ_epochs(M) | τ(B, gap) | partial τ(B) | B ≥ test loss | slope κ vs √C | sd(slack)/sd(target) |"
+    )
+    lines = [head, "|---" * 13 + "|"]
+    for setting, size in _setting_keys(c):
+        g = c[(c["setting"] == setting) & (c["size"] == size)]
+        root_c = math.sqrt(float(frame[frame["setting"] == setting]["bound_C"].iloc[0]))
+
+        def m(col: str, _g: pd.DataFrame = g) -> str:
+            v = float(np.nanmean(_g[col])) if col in _g else math.nan
+            return "–" if not math.isfinite(v) else f"{v:.2f}"
+
+        lines.append(
+            f"| {setting} | {size} | {m('tau/measure/gap')} | {m('rho/measure/gap')} | {m('ptau/measure/gap')} | "
+            f"{m('tau/measure/test_loss')} | {m('psi_run/measure/gap')} | {m('psi_epochs/measure/gap')} | "
+            f"{m('tau/bound/gap')} | {m('ptau/bound/gap')} | {100 * float(np.nanmean(g['bound_holds'])):.0f} % | "
+            f"{m('gap_slope')} vs {root_c:.2f} | {m('slack_sd_ratio')} |"
+        )
+    return "\n".join(lines)
 
 
 def summarise(table: pd.DataFrame, value: str = "regret") -> pd.DataFrame:
@@ -653,14 +735,68 @@ def no_val_markdown(nv: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, setting: str = "symmetric40") -> list[str]:
-    """The issue's KEY: VALUE lines (means over seeds, full size, tv arm) plus context keys."""
+NO_VAL_ROWS = [
+    "oracle (pool)",
+    "(c) val_acc → retrain on pool",
+    "(b) val_acc, train part",
+    "(a) bound on pool",
+    "(a) bound_trunc on pool",
+    "(a) bound_floor on pool",
+    "(a) measure_at_fit on pool",
+    "(a) bound_weight_tuned on pool",
+    "(a) measure on pool",
+    "(a) guard_train_loss on pool",
+    "median config (pool)",
+]
+
+
+def no_val_key_markdown(nv: pd.DataFrame) -> str:
+    """Procedures × (setting, size): delivered clean accuracy (mean ± CI) and Δ vs (b) in points."""
+    keys = _setting_keys(nv)
+    lines = [
+        "| procedure | " + " | ".join(f"{a} {b}: acc (Δ vs b)" for a, b in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for proc in NO_VAL_ROWS:
+        cells = []
+        for setting, size in keys:
+            g = nv[(nv["setting"] == setting) & (nv["size"] == size) & (nv["procedure"] == proc)]
+            if g.empty:
+                cells.append("–")
+                continue
+            m, _, h, _ = _ci(g["acc"])
+            d, _, hd, _ = _ci(g["delta_b"])
+            cells.append(f"{_fmt(m, h)} ({d * 100:+.1f} ± {hd * 100:.1f})" if math.isfinite(hd) else _fmt(m, h))
+        lines.append(f"| {proc} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def splice(text: str, blocks: dict[str, str]) -> str:
+    """Replace every ``<!-- begin:NAME -->…<!-- end:NAME -->`` block of ``text`` with ``blocks[NAME]``."""
+    for name, body in blocks.items():
+        begin, end = f"<!-- begin:{name} -->", f"<!-- end:{name} -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = f"{head}{begin}\n{body}\n{end}{tail}"
+    return text
+
+
+def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame) -> list[str]:
+    """The issue's KEY: VALUE lines, means over seeds, tv arm. Unsuffixed keys: symmetric 40 %,
+    full size (the feasibility setting); ``_half``: half size; ``_pair``/``_correlated``: the
+    other noise kinds at 40 %."""
     out: dict[str, Any] = {}
 
     def mean(values: Any) -> float:
         return float(np.nanmean(values)) if len(values) else math.nan
 
-    for size, suffix in (("full", ""), ("half", "_half")):
+    combos = [
+        (setting, size, kind_suffix + size_suffix)
+        for setting, kind_suffix in (("symmetric40", ""), ("pair40", "_pair"), ("correlated40", "_correlated"))
+        for size, size_suffix in (("full", ""), ("half", "_half"))
+    ]
+    for setting, size, suffix in combos:
         c = corr[(corr["setting"] == setting) & (corr["size"] == size) & (corr["arm"] == "tv")]
         t = table[(table["setting"] == setting) & (table["size"] == size) & (table["arm"] == "tv")]
         if c.empty:
@@ -678,7 +814,7 @@ def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, setting
         out[f"hessian_labelfree_criterion_noise40{suffix}"] = ",".join(
             sorted(set(hl.get("chosen", pd.Series(dtype=str)).dropna()))
         )
-        for name in ("bound", "measure", "bound_floor", "guard_bound", "val_band_bound"):
+        for name in ("bound", "bound_trunc", "measure", "bound_floor", "measure_at_fit", "val_band_bound"):
             out[f"regret_{name}_noise40{suffix}"] = mean(t[t["criterion"] == name]["regret"])
         out[f"regret_val_noisy_noise40{suffix}"] = mean(t[t["criterion"] == "val_acc"]["regret"])
         out[f"bound_holds_fraction_noise40{suffix}"] = mean(c["bound_holds"])
@@ -689,8 +825,14 @@ def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, setting
                 ("(c) val_acc → retrain on pool", "noval_val_retrain_acc"),
             ):
                 out[f"{label}_noise40{suffix}"] = mean(n[n["procedure"] == proc]["acc"])
-            for crit in ("bound", "bound_floor", "guard_bound"):
+            for crit in ("bound", "bound_trunc", "measure_at_fit", "bound_weight_tuned"):
                 out[f"noval_{crit}_pool_acc_noise40{suffix}"] = mean(n[n["procedure"] == f"(a) {crit} on pool"]["acc"])
+    tv = table[(table["arm"] == "tv") & table["regret"].notna()]
+    base = tv[tv["criterion"] == "val_acc"].set_index(SEARCH)["regret"]
+    for name in ("bound", "bound_trunc", "val_band_bound"):
+        d = tv[tv["criterion"] == name].set_index(SEARCH)["regret"] - base
+        out[f"delta_regret_{name}_vs_val_all"] = mean(d.dropna())
+        out[f"searches_{name}_better_than_val_all"] = f"{int((d < -1e-9).sum())}/{int(d.notna().sum())}"
     lines = []
     for k, v in out.items():
         lines.append(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
@@ -700,15 +842,18 @@ def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, setting
 def analyze(
     out: Path,
     *,
-    preset: Preset | None = None,
+    stores: list[Path] = (),  # type: ignore[assignment]
+    title: str = "",
     figures: Path | None = None,
     subsearch_k: int | None = 6,
-    raw_dir: Path | None = None,
+    raw_dirs: list[Path] = (),  # type: ignore[assignment]
+    docs: Path | None = None,
 ) -> list[str]:
     """Everything from ``out/runs.jsonl`` (or an existing ``trials.csv``): tables.md, summary.json,
     selection.csv, correlations.csv, figures; returns the printed summary lines."""
     trials_path = out / "trials.csv"
-    frame = write_trials(out, raw_dir) if (out / "runs.jsonl").is_file() else load_trials(trials_path)
+    existing = [store for store in stores if store.is_file()]
+    frame = write_trials(out, existing, list(raw_dirs)) if existing else load_trials(trials_path)
     frame = complete_searches(frame)
     corr = correlation_table(frame)
     table = selection_table(frame)
@@ -716,7 +861,7 @@ def analyze(
     nv = no_val_table(frame, table)
     fig_paths = draw_figures(frame, figures) if figures is not None else []
     parts = [
-        f"# Selection study: {preset.name if preset else out.name}",
+        f"# Selection study: {title or out.name}",
         "",
         f"{frame['search'].nunique()} searches, {len(frame)} candidates.",
         "",
@@ -739,9 +884,21 @@ def analyze(
             + f"{sel['tau_val_target'].mean():.2f}.",
             "",
         ]
-    paired = pd.concat(
-        [paired_vs(table, by="size"), paired_vs(table, by="setting"), paired_vs(table)], ignore_index=True
-    )
+    table["kind"] = table["setting"].map(lambda x: "clean" if x == "clean" else x.rstrip("0123456789"))
+    paired = pd.concat([paired_vs(table, by="kind"), paired_vs(table, by="size"), paired_vs(table)], ignore_index=True)
+    parts = [
+        *parts[:4],
+        "## Key regret table (tv arm; points of clean test accuracy, mean ± 95 % CI over seeds)",
+        "",
+        "<!-- table:key-regret -->",
+        key_regret_markdown(summ),
+        "",
+        "## Measure vs gap, every setting (tv arm, means over seeds)",
+        "",
+        correlation_summary_markdown(corr, frame),
+        "",
+        *parts[4:],
+    ]
     parts += [
         "## Regret minus val_acc's regret on the same search (tv arm, points; W/T/L = searches where the "
         "criterion is better / equal / worse)",
@@ -772,6 +929,16 @@ def analyze(
                 parts.append(f"| {c} | " + " | ".join(cells) + " |")
             parts.append("")
     keys = key_lines(corr, table, nv)
+    blocks = {
+        "key-regret": key_regret_markdown(summ),
+        "correlations": correlation_summary_markdown(corr, frame),
+        "headline-correlations": correlation_markdown(corr, "symmetric40", "full"),
+        "paired": paired_markdown(paired),
+        "no-val": no_val_key_markdown(nv) if not nv.empty else "",
+        "keys": "```\n" + "\n".join(keys) + "\n```",
+    }
+    if docs is not None and docs.is_file():
+        docs.write_text(splice(docs.read_text(), blocks))
     (out / "tables.md").write_text("\n".join(parts) + "\n")
     corr.to_csv(out / "correlations.csv", index=False, float_format="%.4g")
     table.to_csv(out / "selection.csv", index=False, float_format="%.4g")

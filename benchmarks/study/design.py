@@ -71,6 +71,8 @@ class Preset:
     checkpoints: tuple[int, ...] = (4, 8, 12, 16, 20)  # epochs at which a candidate is recorded
     # (setting, size) pairs that get only the tv arm (keeps the default under an hour)
     tv_only: tuple[tuple[str, str], ...] = field(default=())
+    # settings whose arms differ from ``arms`` (e.g. only the pool arm, the tv arm being elsewhere)
+    arms_by_setting: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
     note: str = ""
 
 
@@ -101,14 +103,16 @@ PRESETS: dict[str, Preset] = {
             "noise at 0/20/60 %, both sizes, 3 seeds; the no-validation (pool) arm at symmetric 40 %",
         ),
         Preset(
-            "kinds",
-            settings=("pair20", "correlated20", "pair60", "correlated60"),
+            "extended",
+            settings=("pair40", "correlated40", "pair20", "correlated20", "pair60", "correlated60"),
             sizes=("full", "half"),
             seeds=(0, 1, 2),
             runs=12,
             arms=("tv",),
-            note="class-dependent noise at 20 % and 60 % (tv arm only), completing the issue's grid "
-            "with the default preset; ≈40 min on two idle cores",
+            arms_by_setting=(("pair40", ("pool",)), ("correlated40", ("pool",))),
+            note="with the default preset, completes the issue's grid: the no-validation (pool) arm "
+            "under pair and correlated 40 % noise (their tv arms are in default), and pair and "
+            "correlated noise at 20 % and 60 % (tv arm); ≈40 min on two idle cores",
         ),
         Preset(
             "headline",
@@ -228,7 +232,8 @@ def jobs(preset: Preset) -> list[Job]:
     out = []
     for setting in preset.settings:
         for size in preset.sizes:
-            arms = ("tv",) if (setting, size) in preset.tv_only else preset.arms
+            arms = dict(preset.arms_by_setting).get(setting, preset.arms)
+            arms = ("tv",) if (setting, size) in preset.tv_only else arms
             for seed in preset.seeds:
                 for arm in arms:
                     out += [Job(setting, size, seed, arm, run, preset.checkpoints) for run in range(preset.runs)]

@@ -250,6 +250,11 @@ def record_run(
             tic = time.perf_counter()
     except DivergedError as err:  # recorded as missing checkpoints; the analysis counts them
         log(f"{job.key}: diverged ({err})")
+    if rows and data.val is not None:  # what paired validation statistics need, once per run
+        rows[0]["val_labels"] = {
+            "val_noisy": "".join(map(str, data.val.labels.tolist())),
+            "F": None if transition is None else np.round(transition, 10).tolist(),
+        }
     if raw_dir is not None and raws:
         path = Path(raw_dir) / f"{job.key}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
