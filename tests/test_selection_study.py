@@ -209,3 +209,61 @@ def test_bound_floor_in_the_registry_matches_the_study() -> None:
     assert select(frame, "bound_floor") == "fit"
     study = _search(bound_loss=[0.6, 1.3, 2.0, 2.0], measure=[*list(trials["measure"]), 1.0, 1.0])
     np.testing.assert_allclose(criteria.bound_floor(study)[:2], frame["bound_floor"])
+
+
+# --------------------------------------------------------------------------- published numbers
+
+
+STUDY = ROOT / "results" / "study"
+DOCS = ROOT / "docs" / "results.md"
+
+
+def _published_cell(setting: str, size: str, criterion: str) -> str:
+    """The cell of docs/results.md's key regret table (between its begin/end markers)."""
+    block = DOCS.read_text().split("<!-- begin:key-regret -->", 1)[1].split("<!-- end:key-regret -->", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.strip().splitlines()]
+    header = rows[0]
+    for row in rows[2:]:
+        if row[0] == setting and row[1] == size:
+            return row[header.index(criterion)]
+    raise AssertionError(f"no row {setting} {size} in the published table")
+
+
+@pytest.mark.skipif(not (STUDY / "trials.csv").is_file(), reason="no stored study results")
+@pytest.mark.parametrize(
+    ("setting", "size", "criterion"),
+    [("symmetric40", "full", "val_acc"), ("symmetric40", "full", "bound"), ("pair40", "half", "bound")],
+)
+def test_published_regret_cell_is_rederived_from_stored_trials(setting: str, size: str, criterion: str) -> None:
+    """Recompute a published regret cell from results/study/trials.csv, independently of the
+    analysis code: per seed, best clean test accuracy minus the mean over the criterion's picks;
+    then mean ± 95 % t-interval over seeds, in points."""
+    from scipy import stats
+
+    trials = pd.read_csv(STUDY / "trials.csv", dtype={"val_correct": str, "val_pred": str})
+    chosen = trials[(trials["setting"] == setting) & (trials["size"] == size) & (trials["arm"] == "tv")]
+    regrets = []
+    for _, search in chosen.groupby("seed"):
+        metric = search["val_acc"] if criterion == "val_acc" else -search[criterion]
+        picks = search[metric == metric.max()]
+        regrets.append(search["test_acc"].max() - picks["test_acc"].mean())
+    regrets = np.array(regrets) * 100
+    half = stats.t.ppf(0.975, len(regrets) - 1) * regrets.std(ddof=1) / math.sqrt(len(regrets))
+    assert _published_cell(setting, size, criterion) == f"{regrets.mean():.1f} ± {half:.1f}"
+
+
+@pytest.mark.skipif(not (STUDY / "summary.json").is_file(), reason="no stored study results")
+def test_published_key_lines_match_the_stored_summary() -> None:
+    import json
+
+    summary = json.loads((STUDY / "summary.json").read_text())
+    block = DOCS.read_text().split("<!-- begin:keys -->", 1)[1].split("<!-- end:keys -->", 1)[0]
+    published = dict(line.split(": ", 1) for line in block.strip().strip("`").strip().splitlines())
+    for key in (
+        "kendall_tau_measure_gap_noise40",
+        "partial_tau_measure_gap_noise40",
+        "regret_hessian_noise40",
+        "regret_val_noisy_noise40",
+        "bound_holds_fraction_noise40",
+    ):
+        assert published[key] == summary[key]

@@ -164,6 +164,18 @@ def _searches(frame: pd.DataFrame) -> list[tuple[tuple[Any, ...], pd.DataFrame]]
     return [(key, group.reset_index(drop=True)) for key, group in frame.groupby(SEARCH, sort=True)]
 
 
+def _nanmean(values: Any) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def _nanmedian(values: Any) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else math.nan
+
+
 def _ci(values: Any) -> tuple[float, float, float, int]:
     """(mean, sd, half-width of the 95 % t-interval, n) over finite values."""
     v = np.asarray(values, dtype=float)
@@ -232,7 +244,7 @@ def _choose_constant(
     (same arm); only other seeds if no other setting exists yet. Ties → median tied value."""
     pool, source = _held_out(list(scores), key)
     grid = TUNED[name]
-    means = np.array([np.nanmean([scores[k][c] for k in pool]) if pool else math.nan for c in grid])
+    means = np.array([_nanmean([scores[k][c] for k in pool]) if pool else math.nan for c in grid])
     if not np.isfinite(means).any():
         return grid[len(grid) // 2], "default"
     best = np.flatnonzero(means >= np.nanmax(means) - 1e-12)
@@ -273,7 +285,7 @@ def selection_table(frame: pd.DataFrame) -> pd.DataFrame:
                 constant, source = _choose_constant(name, tuned_scores[name], key)
             elif name == "bound_calibrated":
                 keys, source = _held_out(list(slopes), key)
-                constant = float(np.nanmedian([slopes[k] for k in keys])) if keys else None
+                constant = float(_nanmedian([slopes[k] for k in keys])) if keys else None
             picks = pick(name, group, constant)
             acc = delivered(group, picks)
             rows.append(
@@ -395,13 +407,13 @@ def correlation_summary_markdown(corr: pd.DataFrame, frame: pd.DataFrame, arm: s
         root_c = math.sqrt(float(frame[frame["setting"] == setting]["bound_C"].iloc[0]))
 
         def m(col: str, _g: pd.DataFrame = g) -> str:
-            v = float(np.nanmean(_g[col])) if col in _g else math.nan
+            v = float(_nanmean(_g[col])) if col in _g else math.nan
             return "–" if not math.isfinite(v) else f"{v:.2f}"
 
         lines.append(
             f"| {setting} | {size} | {m('tau/measure/gap')} | {m('rho/measure/gap')} | {m('ptau/measure/gap')} | "
             f"{m('tau/measure/test_loss')} | {m('psi_run/measure/gap')} | {m('psi_epochs/measure/gap')} | "
-            f"{m('tau/bound/gap')} | {m('ptau/bound/gap')} | {100 * float(np.nanmean(g['bound_holds'])):.0f} % | "
+            f"{m('tau/bound/gap')} | {m('ptau/bound/gap')} | {100 * float(_nanmean(g['bound_holds'])):.0f} % | "
             f"{m('gap_slope')} vs {root_c:.2f} | {m('slack_sd_ratio')} |"
         )
     return "\n".join(lines)
@@ -489,7 +501,7 @@ def no_val_table(frame: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
         b = delivered(tv, picks)
         lookup = pool.set_index(["run", "epochs"])["test_acc"]
         retrained = [lookup.get((tv["run"][i], tv["epochs"][i]), math.nan) for i in picks]
-        c = float(np.nanmean(retrained))
+        c = float(_nanmean(retrained))
         rows.append({**base, "procedure": "(b) val_acc, train part", "acc": b})
         rows.append({**base, "procedure": "(c) val_acc → retrain on pool", "acc": c})
         rows.append({**base, "procedure": "oracle (pool)", "acc": float(pool["test_acc"].max())})
@@ -541,7 +553,7 @@ def subsearch_table(
                     **dict(zip(SEARCH, key, strict=True)),
                     "criterion": c,
                     "k": k,
-                    "regret": float(np.nanmean(r)),
+                    "regret": float(_nanmean(r)),
                     "p_le_val": float(np.mean(r <= ref + 1e-12)) if np.isfinite(ref).all() else math.nan,
                 }
             )
@@ -789,7 +801,7 @@ def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame) -> list
     out: dict[str, Any] = {}
 
     def mean(values: Any) -> float:
-        return float(np.nanmean(values)) if len(values) else math.nan
+        return float(_nanmean(values)) if len(values) else math.nan
 
     combos = [
         (setting, size, kind_suffix + size_suffix)
