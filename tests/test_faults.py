@@ -167,7 +167,7 @@ def _wait_for_trial_worker(out: Path, timeout: float) -> int:
     while time.time() < deadline:
         try:
             children, _ = runs(out, "wk")
-            started = "metrics.epoch" in children and (children["metrics.epoch"] >= 1).any()
+            started = "metrics.xtra/epoch" in children and (children["metrics.xtra/epoch"] >= 1).any()
         except Exception:
             started = False
         pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()

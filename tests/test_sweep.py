@@ -93,7 +93,7 @@ def test_child_runs_hold_config_params_epoch_metrics_and_final_measures(sweep: d
     for key in ("measure", "bound", "trace", "lambda_max", "gap", "val_acc", "test_acc", "distance"):
         values = children[f"metrics.{key}"]
         assert values.map(math.isfinite).all(), key
-    assert "metrics.objective" in children and "metrics.config/optim.lr" not in children
+    assert "metrics.xtra/objective" in children and "metrics.config/optim.lr" not in children
     history = mlflow.MlflowClient().get_metric_history(children["run_id"].iloc[0], "train_loss")
     assert sorted(m.step for m in history) == [1, 2]
 

@@ -90,3 +90,15 @@ def test_config_survives_the_mlflow_param_round_trip() -> None:
     )
     params = {k: str(v) for k, v in cfg.to_flat().items()}  # what MLflow stores
     assert config_from_params(params) == cfg
+
+
+def test_trial_metrics_sort_headline_first_in_mlflow_and_read_back_unchanged() -> None:
+    """MLflow's compare view sorts keys by code point: the headline block must come first and
+    contiguous, every other key must sort after it, and the names must round-trip."""
+    from tuning.tracking import HEADLINE_METRICS, metric_name, mlflow_key
+
+    reported = [*HEADLINE_METRICS, "epoch", "objective", "h/layer1.0.conv1.weight", "dist/g0", "bound_C", "acc_gap"]
+    names = sorted(mlflow_key(k) for k in reported)
+    assert names[: len(HEADLINE_METRICS)] == sorted(HEADLINE_METRICS)
+    assert all(n.startswith("xtra/") for n in names[len(HEADLINE_METRICS) :])
+    assert sorted(metric_name(n) for n in names) == sorted(reported)

@@ -79,7 +79,7 @@ class TrackingCallback(Callback):
     ) -> None:
         metrics = _metrics(result)
         run_id = self._child(trial)
-        log_metrics(self.mc, run_id, metrics, step=int(metrics.get("epoch", 0)))
+        log_metrics(self.mc, run_id, metrics, step=int(metrics.get("epoch", 0)), trial=True)
         for key in ("node_id", "gpu_ids"):
             if isinstance(result.get(key), str) and metrics.get("epoch") == 1:
                 self.mc.set_tag(run_id, f"hesstune.{key}", result[key])

@@ -11,7 +11,7 @@ import yaml
 
 from trainables.config import RunConfig
 from tuning import selection
-from tuning.tracking import TRIAL_TAG, child_runs
+from tuning.tracking import TRIAL_TAG, child_runs, metric_name
 
 __all__ = ["config_from_params", "export_configs", "finished_trials", "format_report", "write_artifacts"]
 
@@ -37,7 +37,7 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=["trial_id"])
     runs = runs[(runs["status"] == "FINISHED") & (runs.get("tags.hesstune.final") == "1")]
-    metrics = {c: c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")}
+    metrics = {c: metric_name(c.removeprefix("metrics.")) for c in runs.columns if c.startswith("metrics.")}
     table = runs[list(metrics)].rename(columns=metrics).reset_index(drop=True)
     table.insert(0, "trial_id", runs[f"tags.{TRIAL_TAG}"].to_numpy())
     table.insert(1, "run_id", runs["run_id"].to_numpy())

@@ -23,10 +23,22 @@ __all__ = [
     "ensure_parent_run",
     "finish_orphans",
     "log_metrics",
+    "metric_name",
+    "mlflow_key",
     "validate_tracking_uri",
 ]
 
 SWEEP_TAG = "hesstune.sweep"
+
+# MLflow's compare view lists metric keys in code-point order. A trial's headline metrics keep
+# bare names and everything else it reports goes under DETAIL_PREFIX ("xtra/" sorts after
+# "val_loss"), so measure, bound, gap and the accuracies are listed together at the top; they are
+# also logged first, which is the metric MLflow's parallel-coordinates plot opens with.
+HEADLINE_METRICS = (
+    "bound", "measure", "gap", "val_acc", "test_acc", "train_acc", "val_loss", "train_loss", "distance", "trace",
+    "lambda_max",
+)  # fmt: skip
+DETAIL_PREFIX = "xtra/"
 TRIAL_TAG = "hesstune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -111,15 +123,17 @@ def _log_params(mc: Any, run_id: str, params: Mapping[str, Any]) -> None:
         _retry(mc.log_batch, run_id, params=items[i : i + 100])
 
 
-def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    """Log every finite numeric metric in one batch (NaN/inf and non-numbers are skipped)."""
+def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int, *, trial: bool = False) -> None:
+    """Log every finite numeric metric in one batch (NaN/inf and non-numbers are skipped).
+    ``trial``: a trial's metrics, named as in :func:`mlflow_key` and headline metrics first."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
+    keys = sorted(metrics, key=lambda k: HEADLINE_METRICS.index(k) if k in HEADLINE_METRICS else len(HEADLINE_METRICS))
     items = [
-        Metric(_metric_key(k), float(v), now, step)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+        Metric(mlflow_key(k) if trial else _metric_key(k), float(metrics[k]), now, step)
+        for k in (keys if trial else metrics)
+        if isinstance(metrics[k], int | float) and not isinstance(metrics[k], bool) and math.isfinite(float(metrics[k]))
     ]
     for i in range(0, len(items), 500):
         _retry(mc.log_batch, run_id, metrics=items[i : i + 500])
@@ -127,6 +141,16 @@ def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> 
 
 def _metric_key(key: str) -> str:
     return key.replace(":", "_")
+
+
+def mlflow_key(key: str) -> str:
+    """A trial metric's MLflow name: headline metrics as they are, the rest under ``xtra/``."""
+    return _metric_key(key if key in HEADLINE_METRICS else DETAIL_PREFIX + key)
+
+
+def metric_name(mlflow_name: str) -> str:
+    """The inverse of :func:`mlflow_key` (for ``metrics.*`` columns read back from MLflow)."""
+    return mlflow_name.removeprefix(DETAIL_PREFIX)
 
 
 def find_child(mc: Any, exp_id: str, parent_id: str, trial_id: str) -> str | None:
