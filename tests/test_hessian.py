@@ -282,7 +282,9 @@ def test_trace_and_eigenvalue_weight_unequal_batches_by_size() -> None:
     x2 = torch.tensor([[0.0, 3.0]], dtype=DTYPE)
     batches = [(x1, torch.zeros(3, dtype=DTYPE)), (x2, torch.zeros(1, dtype=DTYPE))]
     model = linear_model(2, 1, seed=10)
-    estimate, _ = hessian_trace(model, squared_error, batches, rel_tol=0.0, max_probes=10)
+    estimate, _ = hessian_trace(model, squared_error, batches, rel_tol=0.0, max_probes=10, probes_per_batch=1)
+    assert estimate == pytest.approx(6.0, rel=1e-12)
+    estimate, _ = hessian_trace(model, squared_error, batches, rel_tol=0.0, max_probes=16)  # 4 rounds of 4
     assert estimate == pytest.approx(6.0, rel=1e-12)
     assert_close(top_eigenvalue(model, squared_error, batches), 5.0, rel=1e-12)
 
@@ -541,3 +543,28 @@ def test_sample_curvatures_are_the_per_sample_values() -> None:
     assert names == weight_names(model) and values.shape == (3, 8)
     for i, name in enumerate(names):
         torch.testing.assert_close(values[i], dense_block_forms(model, cross_entropy, batches, reference, name))
+
+
+def test_products_sharing_one_graph_equal_lone_products() -> None:
+    from trainables.hessian._derivatives import batch_hvp, batch_hvps
+
+    torch.manual_seed(12)
+    model = relu_convnet().to(DTYPE).eval()
+    x, y = image_batches()[0]
+    leaves = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    vectors = [[torch.randn_like(p) for p in leaves.values()] for _ in range(3)]
+    shared = batch_hvps(model, cross_entropy, leaves, vectors, x, y)
+    for vector, products in zip(vectors, shared, strict=True):
+        for a, b in zip(products, batch_hvp(model, cross_entropy, leaves, vector, x, y), strict=True):
+            assert_close(a, b, rel=1e-12)
+
+
+def test_trace_rounds_are_the_independent_samples() -> None:
+    """With several probes per batch, n_probes counts products and the standard error comes
+    from the rounds: 4 rounds of 3 probes stop exactly at max_probes, any rounding included."""
+    model = linear_model(4, 3, seed=10)
+    batches = vector_batches()
+    result = hessian_trace_per_layer(model, cross_entropy, batches, rel_tol=0.0, max_probes=11, probes_per_batch=3)
+    assert result.n_probes == 11
+    with pytest.raises(ValueError, match="probes_per_batch"):
+        hessian_trace(model, cross_entropy, batches, probes_per_batch=0)

@@ -233,14 +233,26 @@ def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], v
     grad_outputs = v. ``leaves`` are detached copies with requires_grad, so the model's own
     parameters, their ``requires_grad`` and ``.grad`` are never touched.
     """
+    return batch_hvps(model, loss_fn, leaves, [vector], x, y)[0]
+
+
+def batch_hvps(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], vectors: Sequence[Sequence[Tensor]],
+               x: Tensor, y: Tensor) -> list[list[Tensor]]:
+    """[H_b v for v in vectors]: one forward and create_graph backward, then one second backward
+    per vector on the retained graph. The first two passes are a third of a lone product's
+    cost, so k products on one batch cost about (1 + 2k)/3 lone ones (``hessian_cost.py``)."""
     params = list(leaves.values())
     with torch.enable_grad(), autodiff_kernels():
         loss = per_sample_losses(loss_fn, functional_call(model, dict(leaves), (x,)), y).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        result = [torch.zeros_like(v) for v in vector]
-        if not live:
-            return result
-        products = torch.autograd.grad([grads[i] for i in live], params,
-                                       grad_outputs=[vector[i] for i in live], allow_unused=True)
-    return [r if p is None else p for r, p in zip(result, products, strict=True)]
+        out = []
+        for k, vector in enumerate(vectors):
+            result = [torch.zeros_like(v) for v in vector]
+            if live:
+                products = torch.autograd.grad([grads[i] for i in live], params,
+                                               grad_outputs=[vector[i] for i in live], allow_unused=True,
+                                               retain_graph=k < len(vectors) - 1)
+                result = [r if p is None else p for r, p in zip(result, products, strict=True)]
+            out.append(result)
+    return out
