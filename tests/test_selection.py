@@ -357,3 +357,22 @@ def test_summary_without_val_split_or_gaps() -> None:
 def test_summary_of_empty_sweep() -> None:
     result = summary([])
     assert result["n_trials"] == 0.0 and math.isnan(result["regret_bound"])
+
+
+# --------------------------------------------------------------------------- recommended selection
+
+
+def test_recommended_selection_is_val_band_bound_only_with_a_validation_split() -> None:
+    with_val = [{**t, "n_val": 100.0} for t in _trials()]
+    assert selection.recommended_criterion(with_val) == "val_band_bound"
+    assert selection.recommended_criterion(_trials()) == "bound"  # size unknown
+    no_val = [{**t, "n_val": 0.0, "val_acc": NAN} for t in _trials()]
+    assert selection.recommended_criterion(no_val) == "bound"
+
+
+def test_summary_reports_val_band_bound_regret_when_trials_carry_n_val() -> None:
+    """n_val = 100: the band is one binomial s.e. of the best val_acc 0.9, i.e. 0.03, so t1 and t2
+    (0.9) are in, t0 (0.8) and t3 (0.7) out; the lowest B in the band is t1 (2.0), test 0.90."""
+    stats = summary([{**t, "n_val": 100.0} for t in _trials()])
+    assert stats["regret_val_band_bound"] == pytest.approx(0.95 - 0.90)
+    assert "regret_val_band_bound" not in summary(_trials())

@@ -242,6 +242,8 @@ def evaluate(run: _Run) -> dict[str, float]:
     m["train_acc_clean"] = _split_metrics(train_logits, data.train.clean)[1]
     wrong = data.train.noise_mask
     m["memorized"] = float((train_logits.argmax(1)[wrong] == noisy[wrong]).float().mean()) if wrong.any() else 0.0
+    m["n_train"] = float(len(noisy))
+    m["n_val"] = float(len(data.val.labels)) if data.val is not None else 0.0  # val_band_bound's band width
     if data.val is not None:
         m["val_loss"], m["val_acc"] = _split_metrics(predict(model, data.val.x), data.val.labels)
     test_logits = predict(model, data.test.x)

@@ -131,8 +131,10 @@ class TrackingCallback(Callback):
         stats = self.update_summary(table)
         log_metrics(self.mc, self.parent_id, {"sweep_wall_s": wall_s}, step=0)
         if not table.empty:
+            criterion = selection.recommended_criterion(table)
+            self.mc.set_tag(self.parent_id, "hesstune.selection", criterion)
             with tempfile.TemporaryDirectory() as folder:
-                write_artifacts(table, Path(folder), criterion=self.objective)
+                write_artifacts(table, Path(folder), criterion=criterion)
                 self.mc.log_artifacts(self.parent_id, folder)
         self.mc.set_terminated(self.parent_id, status="FINISHED")
         return stats

@@ -201,20 +201,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     validate_options(opts, resume=resume)
     outcome = run_sweep(opts, resume=resume)
     print()
-    _print_report(opts.tracking_uri, outcome["experiment_id"], outcome["parent_run_id"], opts.objective)
+    _print_report(opts.tracking_uri, outcome["experiment_id"], outcome["parent_run_id"], None)
     print(f"\nsweep wall time {outcome['wall_s']:.0f} s; {outcome['errors']} trial(s) failed")
     _where_to_look(opts.tracking_uri, opts.name, outcome["experiment_id"], opts.output)
     return 0
 
 
-def _print_report(uri: str, exp_id: str, parent_id: str, criterion: str, top: int = 10) -> None:
+def _print_report(uri: str, exp_id: str, parent_id: str, criterion: str | None, top: int = 10) -> None:
+    """The leaderboard by ``criterion`` (None: the recommended selection) and the correlations."""
+    from tuning import selection
     from tuning.report import finished_trials, format_report
 
     table = finished_trials(uri, exp_id, parent_id)
     if table.empty:
         print("no trial finished: nothing to rank")
         return
-    print(format_report(table, criterion, top=top))
+    print(format_report(table, criterion or selection.recommended_criterion(table), top=top))
 
 
 def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
@@ -229,32 +231,36 @@ def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
 
 
 # -- report / export --------------------------------------------------------------------------------
-def _sweep_record(args: argparse.Namespace) -> tuple[str, str, str, str]:
+def _sweep_record(args: argparse.Namespace) -> tuple[str, str, str, str | None]:
     from tuning.sweep import load_sweep
 
     opts = load_sweep(_output(args), args.name)
     uri = _tracking_uri(args, opts.output) if args.tracking_uri else opts.tracking_uri
     extra = opts.extra
-    return uri, extra["experiment_id"], extra["parent_run_id"], args.criterion or opts.objective
+    return uri, extra["experiment_id"], extra["parent_run_id"], args.criterion
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     uri, exp_id, parent_id, criterion = _sweep_record(args)
-    _check_criterion(criterion)
+    if criterion:
+        _check_criterion(criterion)
     _print_report(uri, exp_id, parent_id, criterion, top=args.top)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tuning import selection
     from tuning.report import export_configs, finished_trials
 
     if args.top < 1:
         raise UsageError(f"--top {args.top} must be ≥ 1")
     uri, exp_id, parent_id, criterion = _sweep_record(args)
-    _check_criterion(criterion, for_selection=True)
+    if criterion:
+        _check_criterion(criterion, for_selection=True)
     table = finished_trials(uri, exp_id, parent_id)
     if table.empty:
         raise UsageError(f"sweep {args.name!r} has no finished trial to export")
+    criterion = criterion or selection.recommended_criterion(table)
     for path in export_configs(table, criterion, args.top, Path(args.o).expanduser().resolve(), refit=args.refit):
         print(f"wrote {path}  (replay: hesstune train --config {path})")
     return 0
@@ -348,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("--output", default=DEFAULT_OUTPUT)
         p.add_argument("--tracking-uri")
-        p.add_argument("--criterion", help="ranking criterion (default: the sweep's objective)")
+        p.add_argument(
+            "--criterion",
+            help="ranking criterion (default: val_band_bound when the sweep has a validation split, else bound)",
+        )
         p.add_argument("--top", type=int, default=10 if cmd == "report" else 1)
         if cmd == "export":
             p.add_argument("-o", required=True, metavar="DIR", help="folder for 1.yaml, 2.yaml, …")

@@ -32,7 +32,9 @@ def config_from_params(params: dict[str, str]) -> RunConfig:
 
 
 def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
-    """One row per trial that finished its whole budget: ``trial_id``, final metrics, ``params``."""
+    """One row per trial that finished its whole budget: ``trial_id``, final metrics, ``params``,
+    and ``val_band_bound`` (:func:`tuning.selection.add_selection_metrics`) when trials report
+    their validation size."""
     runs = child_runs(uri, exp_id, parent_id)
     if runs.empty:
         return pd.DataFrame(columns=["trial_id"])
@@ -46,6 +48,8 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
         {c.removeprefix("params."): v for c, v in row.items() if isinstance(v, str)}
         for row in runs[param_cols].to_dict("records")
     ]
+    if "n_val" in table and not table.empty:  # the sweep-relative metrics of the study's criteria
+        table = selection.add_selection_metrics(table)
     return table
 
 
@@ -56,7 +60,8 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     """The leaderboard and the correlation table as text."""
     board = selection.leaderboard(table, criterion).head(top)
     lines = [
-        f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation):",
+        f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation)",
+        f"  {criterion}: {selection.get_criterion(criterion).description}",
         board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]
@@ -68,7 +73,9 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
             corr.to_string(float_format=lambda x: f"{x:.3f}"),
             "",
         ]
-    regrets = {c: selection.regret(table, c) for c in ("bound", "measure", "val_acc") if _has(table, c)}
+    regrets = {
+        c: selection.regret(table, c) for c in ("val_band_bound", "bound", "measure", "val_acc") if _has(table, c)
+    }
     if regrets:
         lines.append(
             "Selection regret (oracle-best clean test acc − picked trial's): "

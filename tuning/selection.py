@@ -56,6 +56,7 @@ __all__ = [
     "pearson_r",
     "rank",
     "ranking_agreement",
+    "recommended_criterion",
     "register_criterion",
     "regret",
     "select",
@@ -491,11 +492,17 @@ def _correlation_stats(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def _selection_stats(frame: pd.DataFrame) -> dict[str, float]:
-    """regret_<criterion>, expected_regret_val_acc, agreement_* and oracle_test_acc."""
-    stats = {f"regret_{c}": regret(frame, c) for c in SUMMARY_CRITERIA}
+    """regret_<criterion>, expected_regret_val_acc, agreement_* and oracle_test_acc; with a
+    ``n_val`` column also the study's recommended ``val_band_bound``."""
+    criteria = list(SUMMARY_CRITERIA)
+    if "n_val" in frame and "val_band_bound" not in frame:
+        frame = add_selection_metrics(frame)
+    if "val_band_bound" in frame:
+        criteria.append("val_band_bound")
+    stats = {f"regret_{c}": regret(frame, c) for c in criteria}
     stats["expected_regret_val_acc"] = expected_regret(frame, "val_acc")
     stats["agreement_bound_val_acc"] = ranking_agreement(frame, "bound", "val_acc")
-    for c in SUMMARY_CRITERIA:
+    for c in criteria:
         stats[f"agreement_{c}_oracle"] = ranking_agreement(frame, c, "oracle")
     stats["oracle_test_acc"] = _oracle_best(frame)
     return stats
@@ -510,7 +517,8 @@ def summary(trials: TrialTable) -> dict[str, float]:
     * ``kendall_<m>_<t>``, ``spearman_<m>_<t>``, ``pearson_<m>_<t>``;
     * ``partial_kendall_<m>_<t>_given_train_loss`` (feasibility.md §4: the raw gap is largely
       "how much it fit", so τ partial on train loss is the more telling number);
-    * ``regret_<c>``, ``expected_regret_val_acc`` (random tie-breaking);
+    * ``regret_<c>``, ``expected_regret_val_acc`` (random tie-breaking); c also
+      ``val_band_bound`` when the trials report ``n_val`` (:func:`add_selection_metrics`);
     * ``agreement_bound_val_acc`` and ``agreement_<c>_oracle`` (ranking quality vs test accuracy);
     * ``oracle_test_acc`` and ``n_trials``.
     """
@@ -549,6 +557,14 @@ def noise_constants(kind: str, rate: float, num_classes: int) -> tuple[float, fl
     if kind == "pair":
         return -(1 - rate) * math.log(1 - rate) - rate * math.log(rate), 1 - rate
     raise ValueError(f"noise kind {kind!r} has no closed-form F: pass noise_entropy measured from F")
+
+
+def recommended_criterion(trials: TrialTable) -> str:
+    """The selection the study recommends (docs/results.md): ``val_band_bound`` when the trials
+    have a validation split (finite ``val_acc`` and ``n_val`` > 0), else ``bound``."""
+    frame = _frame(trials)
+    has_val = "n_val" in frame and bool((frame["n_val"].to_numpy(float) > 0).any())
+    return "val_band_bound" if has_val and np.isfinite(frame["val_acc"].to_numpy(float)).any() else "bound"
 
 
 def add_selection_metrics(
