@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tuning import selection
@@ -106,6 +107,19 @@ def test_parent_statistics_match_the_children(sweep: dict[str, object]) -> None:
     picked = children.loc[children["metrics.bound"].idxmin(), "metrics.test_acc"]
     assert parent["metrics.regret_bound"].iloc[0] == pytest.approx(best - picked, abs=1e-12)
     assert parent["metrics.n_trials"].iloc[0] == 4
+    picked = children.loc[_val_band_bound_pick(children), "metrics.test_acc"]
+    assert parent["metrics.regret_val_band_bound"].iloc[0] == pytest.approx(best - picked, abs=1e-12)
+    assert parent["tags.hesstune.selection"].iloc[0] == "val_band_bound"
+
+
+def _val_band_bound_pick(children: pd.DataFrame) -> int:
+    """Index of the lowest bound among trials whose val_acc is within one binomial standard error
+    √(a(1 − a)/n_val) of the best a (docs/results.md), recomputed from the child runs."""
+    acc, n_val = children["metrics.val_acc"], children["metrics.xtra/n_val"]
+    assert (n_val > 0).all()
+    best = acc.max()
+    band = children[acc >= best - math.sqrt(best * (1 - best) / n_val.iloc[0]) - 1e-12]
+    return int(band["metrics.bound"].idxmin())
 
 
 def test_parent_artifacts(sweep: dict[str, object]) -> None:
@@ -118,7 +132,7 @@ def test_parent_artifacts(sweep: dict[str, object]) -> None:
 
 def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str, object]) -> None:
     stdout = str(sweep["stdout"])
-    assert "Leaderboard by bound" in stdout and "Correlation with the true test gap" in stdout
+    assert "Leaderboard by val_band_bound" in stdout and "Correlation with the true test gap" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert stdout.count("[") >= 4  # one progress line per trial
 
@@ -130,7 +144,7 @@ def test_export_then_train_reproduces_the_selected_trial(
     proc = hesstune("export", SWEEP, "--output", out, "--top", "1", "-o", str(tmp_path / "best"), env=cli_env)
     assert proc.returncode == 0, proc.stderr
     children = _children(sweep)
-    chosen = children.loc[children["metrics.bound"].idxmin()]
+    chosen = children.loc[_val_band_bound_pick(children)]
     proc = hesstune(
         "train", "--config", str(tmp_path / "best" / "1.yaml"), "--output", str(tmp_path / "replay"), env=cli_env
     )
