@@ -28,7 +28,7 @@ from scipy import stats as sps
 from tuning.selection import granulated_kendall, kendall_tau, partial_kendall, spearman_rho
 
 from .criteria import CRITERIA, REFERENCES, TUNED, bound_floor, delivered, guard_excess, pick
-from .runner import enrich_from_raw, load_rows
+from .runner import enrich_from_raw, labels_from_text, load_rows
 
 __all__ = ["analyze", "correlation_table", "key_lines", "load_trials", "selection_table", "write_trials"]
 
@@ -143,8 +143,7 @@ def load_trials(path: Path) -> pd.DataFrame:
             if entry is None or not isinstance(pred, str):
                 scores.append(None)
                 continue
-            noisy = np.frombuffer(entry["val_noisy"].encode(), dtype=np.uint8) - 48
-            h = np.frombuffer(pred.encode(), dtype=np.uint8) - 48
+            noisy, h = labels_from_text(entry["val_noisy"]), labels_from_text(pred)
             k = int(max(noisy.max(), h.max())) + 1
             inv = np.eye(k) if entry["F"] is None else np.linalg.inv(np.asarray(entry["F"]))
             scores.append(inv[noisy, h])

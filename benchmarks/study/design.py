@@ -74,6 +74,11 @@ class Preset:
     # settings whose arms differ from ``arms`` (e.g. only the pool arm, the tv arm being elsewhere)
     arms_by_setting: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
     note: str = ""
+    # dotted RunConfig overrides applied to every run after the study's own (another task, model,
+    # device or batch size: the GPU recipe), and per size (a real data set's own sizes); empty for
+    # the built-in digits presets
+    base: tuple[tuple[str, Any], ...] = field(default=())
+    size_overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(default=())
 
 
 PRESETS: dict[str, Preset] = {
@@ -196,6 +201,7 @@ class Job:
     arm: str
     run: int
     checkpoints: tuple[int, ...]
+    extra: tuple[tuple[str, Any], ...] = ()  # dotted overrides applied last (Preset.base, size_overrides)
 
     @property
     def search(self) -> str:
@@ -223,6 +229,7 @@ class Job:
             "optim.schedule": "none",
         }
         flat.update(sample_config(self.seed, self.run))
+        flat.update(dict(self.extra))
         return flat
 
 
@@ -234,9 +241,10 @@ def jobs(preset: Preset) -> list[Job]:
         for size in preset.sizes:
             arms = dict(preset.arms_by_setting).get(setting, preset.arms)
             arms = ("tv",) if (setting, size) in preset.tv_only else arms
+            extra = preset.base + dict(preset.size_overrides).get(size, ())
             for seed in preset.seeds:
                 for arm in arms:
-                    out += [Job(setting, size, seed, arm, run, preset.checkpoints) for run in range(preset.runs)]
+                    out += [Job(setting, size, seed, arm, run, preset.checkpoints, extra) for run in range(preset.runs)]
     weight = {"full": 2.0, "half": 1.0, "tiny": 0.1}
 
     def cost(job: Job) -> float:

@@ -33,7 +33,7 @@ import numpy as np
 
 from .design import Job, method_name, sample_config
 
-__all__ = ["record_run", "run_jobs"]
+__all__ = ["labels_from_text", "labels_text", "record_run", "run_jobs"]
 
 _DATA: dict[str, Any] = {}
 
@@ -51,7 +51,8 @@ def _task_data(cfg: Any) -> Any:
 def per_sample_curvatures(
     model: Any, reference: dict[str, Any], x: Any, y: Any, batch: int = 64
 ) -> tuple[list[str], Any]:
-    """q [L, n] (float64) for the default measure layers, in eval mode, exact (engine routine)."""
+    """q [L, n] (float64, CPU) for the default measure layers, in eval mode, exact (engine routine),
+    computed on the model's device."""
     import torch
 
     from trainables.hessian._model import evaluation_mode, resolve_names
@@ -60,12 +61,14 @@ def per_sample_curvatures(
 
     names = resolve_names(model, None)
     layers = _Layers(model, names, reference)
+    device = next(model.parameters()).device
     out = []
     with evaluation_mode(model), torch.no_grad():
         plan = None
         for xb, yb in zip(x.split(batch), y.split(batch), strict=True):
+            xb, yb = xb.to(device), yb.to(device)
             plan = plan or _make_plan(layers, xb, "auto")
-            out.append(_batch_curvatures(layers, plan, per_sample_ce, xb, yb).to(torch.float64))
+            out.append(_batch_curvatures(layers, plan, per_sample_ce, xb, yb).to("cpu", torch.float64))
     return names, torch.cat(out, dim=1)
 
 
@@ -146,9 +149,25 @@ def _bits(correct: Any) -> str:
     return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
 
 
+def labels_text(labels: Any, k: int) -> str:
+    """Per-sample labels as text: one digit each for K ≤ 10 (the digits study's stored form), else
+    comma-terminated numbers ("12,7,95,"), so that either form reads back unambiguously."""
+    values = np.asarray(labels).tolist()
+    return "".join(map(str, values)) if k <= 10 else "".join(f"{v}," for v in values)
+
+
+def labels_from_text(text: str) -> np.ndarray:
+    """The inverse of :func:`labels_text`."""
+    if "," in text:
+        return np.array([int(v) for v in text.split(",") if v], dtype=np.int64)
+    return (np.frombuffer(text.encode(), dtype=np.uint8) - 48).astype(np.int64)
+
+
 def _checkpoint_row(
-    model: Any, reference: dict[str, Any], data: Any, transition: np.ndarray | None
+    model: Any, reference: dict[str, Any], data: Any, transition: np.ndarray | None, subset: Any = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
+    """One checkpoint's measures; curvatures over ``subset`` of the training set (default: all of
+    it), M normalised by the full √n as :func:`trainables.measures.measure_model` does."""
     import torch.nn.functional as F
 
     from trainables.loop import predict
@@ -158,9 +177,11 @@ def _checkpoint_row(
     k = data.num_classes
     train, test = data.train, data.test
     n = len(train)
-    noisy = train.noise_mask
-    names, q = per_sample_curvatures(model, reference, train.x, train.labels)
+    idx = slice(None) if subset is None else subset
+    noisy = train.noise_mask[idx]
+    names, q = per_sample_curvatures(model, reference, train.x[idx], train.labels[idx])
     row: dict[str, Any] = _measure_stats(q, n, noisy)
+    row["measure_samples"] = float(q.shape[1])
     logits = {"train": predict(model, train.x), "test": predict(model, test.x)}
     if data.val is not None:
         logits["val"] = predict(model, data.val.x)
@@ -186,7 +207,7 @@ def _checkpoint_row(
     if data.val is not None:
         row["val_bound_loss"] = bound_terms(logits["val"], data.val.labels, transition, None)[0]
         row["val_correct"] = _bits(logits["val"].argmax(1) == data.val.labels)
-        row["val_pred"] = "".join(map(str, logits["val"].argmax(1).tolist())) if k <= 10 else ""
+        row["val_pred"] = labels_text(logits["val"].argmax(1), k)
         row["val_acc_corr"] = corrected_accuracy(logits["val"].argmax(1).numpy(), data.val.labels.numpy(), transition)
     row["measure_s"] = time.perf_counter() - tic
     raw = {f"logits_{split}": v.numpy().astype(np.float32) for split, v in logits.items()}
@@ -202,12 +223,13 @@ def record_run(
     import torch
 
     from trainables.config import RunConfig
-    from trainables.loop import DivergedError, fine_tune
+    from trainables.loop import DivergedError, fine_tune, resolve_device
+    from trainables.measures import _subset
     from trainables.models import create_model
 
-    torch.set_num_threads(1)
     sampled = sample_config(job.seed, job.run)
     cfg = RunConfig().replace(**job.overrides())
+    torch.set_num_threads(max(cfg.threads, 1))
     data = _task_data(cfg)
     transition = data.transition
     base = {
@@ -231,7 +253,9 @@ def record_run(
         "realised_noise": data.realised_noise,
         **_noise_constants(transition, data.num_classes),
     }
-    model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size)
+    model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size).to(resolve_device(cfg.device))
+    # the measure sample set S: the training set capped at measure.samples (seeded), as in the product
+    subset = _subset(len(data.train), cfg.measure.samples, cfg.seed)
     rows, raws = [], {}
     tic = time.perf_counter()
     try:
@@ -241,7 +265,7 @@ def record_run(
             train_s = time.perf_counter() - tic
             state = result.state()
             model.load_state_dict(state["model"])
-            measured, raw = _checkpoint_row(model, state["reference"], data, transition)
+            measured, raw = _checkpoint_row(model, state["reference"], data, transition, subset)
             engine = {k: v for k, v in result.metrics.items() if not k.startswith(("dist/", "sl_"))}
             row = {**base, "epochs": result.epoch, "trial_id": f"{job.key}-e{result.epoch}", **engine, **measured}
             row["train_s"] = train_s
@@ -252,7 +276,7 @@ def record_run(
         log(f"{job.key}: diverged ({err})")
     if rows and data.val is not None:  # what paired validation statistics need, once per run
         rows[0]["val_labels"] = {
-            "val_noisy": "".join(map(str, data.val.labels.tolist())),
+            "val_noisy": labels_text(data.val.labels, data.num_classes),
             "F": None if transition is None else np.round(transition, 10).tolist(),
         }
     if raw_dir is not None and raws:
@@ -380,14 +404,14 @@ def enrich_from_raw(rows: list[dict[str, Any]], raw_dir: str | Path) -> dict[str
             k = int(run_rows[0]["num_classes"])
             transition = transition_for(run_rows[0]["setting"], k, raw["train_clean"], raw["train_noisy"])
             labels[run_rows[0]["search"]] = {
-                "val_noisy": "".join(map(str, noisy.tolist())),
+                "val_noisy": labels_text(noisy, k),
                 "F": None if transition is None else np.round(transition, 10).tolist(),
             }
             for row in run_rows:
                 if "val_acc_corr" in row and "val_pred" in row:
                     continue
                 pred = raw[f"e{int(row['epochs'])}_logits_val"].argmax(1)
-                row["val_pred"] = "".join(map(str, pred.tolist()))
+                row["val_pred"] = labels_text(pred, k)
                 row["val_acc_corr"] = corrected_accuracy(pred, noisy, transition)
     return labels
 
