@@ -240,15 +240,11 @@ def identity(preset: Preset) -> dict[str, Any]:
     return {"base": base, "sizes": sizes, "checkpoints": list(preset.checkpoints)}
 
 
-def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
     """``{"base": {"model.name": …}}`` → ``{"base.model.name": …}``, recursively."""
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    import pandas as pd
+
+    return pd.json_normalize(record, sep=".").iloc[0].to_dict()
 
 
 def check_out(out: Path, preset: Preset) -> None:

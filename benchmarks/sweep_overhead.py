@@ -87,7 +87,8 @@ def main() -> None:
         "goals: fraction ≤ 0.10 for ≥ 30 s trials, ≤ 0.5 s per trial (per slot) with actor reuse"
     )
     if rows["long"]["own_mean"] < 30:
-        print(f"note: the long trials took {rows['long']['own_mean']:.1f} s < 30 s: raise --epochs for the goal's setting")
+        took = rows["long"]["own_mean"]
+        print(f"note: the long trials took {took:.1f} s < 30 s: raise --epochs for the goal's setting")
     print(f"overhead_fraction: {rows['long']['fraction']:.4f}")
     print(f"overhead_s_per_trial: {marginal:.3f}")
 
