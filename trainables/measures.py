@@ -94,16 +94,20 @@ def measure_model(
         }
     )
     gen = torch.Generator().manual_seed(cfg.seed)
+    # HVPs keep a double-backward graph per batch: at the training batch size their memory stays
+    # within a few training steps (benchmarks/hessian_memory.py)
+    step = cfg.optim.batch_size
     if mc.trace:
         tic = time.perf_counter()
+        hvp_batches = _batches(train.x[idx], train.labels[idx], device, size=step)
         out["trace"], out["trace_se"] = hessian_trace(
-            model, per_sample_ce, batches, rel_tol=mc.trace_rel_tol, max_probes=mc.trace_max_probes, generator=gen
+            model, per_sample_ce, hvp_batches, rel_tol=mc.trace_rel_tol, max_probes=mc.trace_max_probes, generator=gen
         )
         out["trace_s"] = time.perf_counter() - tic
     if mc.eigenvalue:
         tic = time.perf_counter()
         eig_idx = idx[: mc.eigen_samples]
-        eig_batches = _batches(train.x[eig_idx], train.labels[eig_idx], device, size=128)
+        eig_batches = _batches(train.x[eig_idx], train.labels[eig_idx], device, size=step)
         out["lambda_max"] = top_eigenvalue(model, per_sample_ce, eig_batches, iters=mc.eigen_iters, generator=gen)
         out["lambda_max_s"] = time.perf_counter() - tic
     return out

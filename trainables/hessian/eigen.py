@@ -7,7 +7,8 @@ builds the tridiagonal T_k; the answer is T_k's largest *algebraic* eigenvalue (
 not the largest magnitude that power iteration converges to (hessian.md §1.6). Lanczos stops
 early on an invariant subspace (β ≈ 0), so k ≥ #distinct eigenvalues is exact (hessian.md §6.4).
 
-Memory: ``iters`` parameter-sized vectors are kept for the reorthogonalisation.
+Memory: ``iters`` parameter-sized vectors are kept for the reorthogonalisation, in one
+preallocated matrix.
 """
 
 from __future__ import annotations
@@ -54,23 +55,24 @@ def lanczos_tridiagonal(matvec: Callable[[Tensor], Tensor], start: Tensor, iters
     k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0).
     """
     steps = min(iters, start.numel())
-    basis = [start / start.norm()]
+    basis = start.new_empty(steps, start.numel())  # filled row by row: no copy of the basis per step
+    basis[0] = start / start.norm()
     alphas: list[float] = []
     betas: list[float] = []
     for step in range(steps):
-        w = matvec(basis[-1])
-        alphas.append(float(basis[-1] @ w))
+        w = matvec(basis[step])
+        alphas.append(float(basis[step] @ w))
         if step == steps - 1:
             break
-        stacked = torch.stack(basis)
+        done = basis[: step + 1]
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            w = w - stacked.T @ (stacked @ w)
+            w = w - done.T @ (done @ w)
         beta = float(w.norm())
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
         if beta <= 100 * torch.finfo(w.dtype).eps * scale:
             break
         betas.append(beta)
-        basis.append(w / beta)
+        basis[step + 1] = w / beta
     off = torch.tensor(betas, dtype=torch.float64)
     return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
 
