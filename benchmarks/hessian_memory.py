@@ -36,8 +36,8 @@ def _peak_kib() -> int:
 
 def _phase(name: str, samples: int, queue: mp.Queue) -> None:
     import torch
-
     from hessian_cost import make_data, make_model, make_reference, per_sample_cross_entropy
+
     from trainables.hessian import hessian_trace, layer_curvatures, top_eigenvalue
 
     torch.set_num_threads(1)
