@@ -9,7 +9,9 @@ Public contract::
 
 ``loss_fn(logits, y)`` returns per-sample losses [B]; ``data`` yields (x, y) batches; layer keys
 are ``model.named_parameters()`` names. Everything runs in eval mode, restores every module's
-mode, and leaves parameters (values, ``requires_grad``, ``.grad``) untouched.
+mode, and leaves parameters (values, ``requires_grad``, ``.grad``) untouched. Beyond the
+contract, ``hessian_trace`` takes ``params`` and ``probes_per_batch`` (default 4: Hutchinson
+products per batch from one retained graph; 1 is one fresh batch per product).
 """
 
 from trainables.hessian.curvature import (
