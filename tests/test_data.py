@@ -17,7 +17,13 @@ from PIL import Image
 
 from trainables.config import ConfigError, NoiseConfig, TaskConfig
 from trainables.data import load_task, task_names
-from trainables.noise import apply_noise, empirical_transition, pair_transition, symmetric_transition
+from trainables.noise import (
+    apply_noise,
+    corrected_accuracy,
+    empirical_transition,
+    pair_transition,
+    symmetric_transition,
+)
 
 N, K = 200, 5
 
@@ -266,3 +272,23 @@ def test_bad_task_names(name: str, message: str) -> None:
 
 def test_task_registry() -> None:
     assert task_names() == ["cifar10", "cifar100", "digits", "imagefolder"]
+
+
+def test_corrected_accuracy_inverts_symmetric_noise_and_is_unbiased_under_pair_noise() -> None:
+    rng = np.random.default_rng(5)
+    k, r = 5, 0.4
+    clean = rng.integers(0, k, 2000)
+    pred = np.where(rng.random(2000) < 0.7, clean, rng.integers(0, k, 2000))
+    noisy = apply_noise(clean, k, NoiseConfig("symmetric", r), rng)
+    # symmetric: noisy acc = (1 - r) a + r / (K - 1) (1 - a), so the correction is its affine inverse
+    noisy_acc = float((pred == noisy).mean())
+    expected = (noisy_acc - r / (k - 1)) / (1 - r - r / (k - 1))
+    assert corrected_accuracy(pred, noisy, symmetric_transition(k, r)) == pytest.approx(expected)
+    # pair: E over the noise of (F^-1)[noisy, h] is 1(h = clean) exactly (sum over the noisy label)
+    f = pair_transition(k, r)
+    inv = np.linalg.inv(f)
+    for y in range(k):
+        for h in range(k):
+            assert sum(f[y, j] * inv[j, h] for j in range(k)) == pytest.approx(float(h == y), abs=1e-12)
+    assert corrected_accuracy(pred, noisy, None) == pytest.approx(noisy_acc)
+    assert np.isnan(corrected_accuracy(pred, noisy, np.full((k, k), 1 / k)))  # singular F

@@ -264,6 +264,11 @@ def test_metrics_use_clean_test_labels_and_noisy_val_labels(task: TaskData) -> N
     assert m["train_acc"] == pytest.approx(acc(task.train.x, task.train.labels))
     assert m["gap"] == pytest.approx(m["test_loss_noisy"] - m["train_loss"])
     assert m["gap_clean"] == pytest.approx(m["test_loss"] - m["train_loss"])
+    assert task.transition is not None  # the fixture's task is noisy
+    pred = loop.predict(model, task.val.x).argmax(1).numpy()
+    corrected = np.linalg.inv(task.transition)[task.val.labels.numpy(), pred].mean()
+    assert m["val_acc_corr"] == pytest.approx(corrected)
+    assert m["n_val"] == len(task.val) and m["n_train"] == len(task.train)
 
 
 def test_consistent_loss_reports_its_objective_and_the_clean_gap(task: TaskData) -> None:

@@ -376,3 +376,10 @@ def test_summary_reports_val_band_bound_regret_when_trials_carry_n_val() -> None
     stats = summary([{**t, "n_val": 100.0} for t in _trials()])
     assert stats["regret_val_band_bound"] == pytest.approx(0.95 - 0.90)
     assert "regret_val_band_bound" not in summary(_trials())
+
+
+def test_val_acc_corr_is_selectable_and_regret_is_reported_when_trials_carry_it() -> None:
+    trials = [{**t, "val_acc_corr": c} for t, c in zip(_trials(), [0.7, 0.6, 0.9, 0.8], strict=True)]
+    assert select(trials, "val_acc_corr") == "t2"
+    assert summary(trials)["regret_val_acc_corr"] == pytest.approx(0.95 - 0.85)
+    assert "regret_val_acc_corr" not in summary(_trials())

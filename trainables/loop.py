@@ -22,6 +22,7 @@ from torch import nn
 from trainables.config import ConfigError, RunConfig
 from trainables.data import TaskData, load_task
 from trainables.models import create_model, layer_groups
+from trainables.noise import corrected_accuracy
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 
 __all__ = ["DivergedError", "EpochResult", "fine_tune", "predict", "resolve_device", "train_to_end"]
@@ -245,7 +246,12 @@ def evaluate(run: _Run) -> dict[str, float]:
     m["n_train"] = float(len(noisy))
     m["n_val"] = float(len(data.val.labels)) if data.val is not None else 0.0  # val_band_bound's band width
     if data.val is not None:
-        m["val_loss"], m["val_acc"] = _split_metrics(predict(model, data.val.x), data.val.labels)
+        val_logits = predict(model, data.val.x)
+        m["val_loss"], m["val_acc"] = _split_metrics(val_logits, data.val.labels)
+        if data.transition is not None:  # unbiased for the clean accuracy (docs/results.md)
+            m["val_acc_corr"] = corrected_accuracy(
+                val_logits.argmax(1).numpy(), data.val.labels.numpy(), data.transition
+            )
     test_logits = predict(model, data.test.x)
     m["test_loss"], m["test_acc"] = _split_metrics(test_logits, data.test.clean)
     m["test_loss_noisy"], m["test_acc_noisy"] = _split_metrics(test_logits, data.test_noisy)

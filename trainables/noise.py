@@ -6,13 +6,14 @@ never modified, so the noise mask (``noisy != clean``) is always available.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
 from trainables.config import ConfigError, NoiseConfig
 
-__all__ = ["apply_noise", "empirical_transition", "pair_transition", "symmetric_transition"]
+__all__ = ["apply_noise", "corrected_accuracy", "empirical_transition", "pair_transition", "symmetric_transition"]
 
 
 def symmetric_transition(num_classes: int, rate: float) -> np.ndarray:
@@ -93,3 +94,19 @@ def apply_noise(
     if noise.kind == "pair" and num_classes < 2:
         raise ConfigError("pair noise needs at least 2 classes")
     return _KINDS[noise.kind](clean, num_classes, noise.rate, rng, weak_scores)
+
+
+def corrected_accuracy(pred: np.ndarray, noisy: np.ndarray, transition: np.ndarray | None) -> float:
+    """Unbiased estimate of *clean* accuracy from noisy labels: mean_j (F⁻¹)[ỹ_j, h(x_j)].
+
+    E[(F⁻¹)[ỹ, h] | y] = Σ_k F[y, k] (F⁻¹)[k, h] = 1(h = y) for class-conditional noise with
+    transition F. Under symmetric noise it is an increasing affine map of the noisy accuracy (same
+    ranking); under pair or other class-dependent noise the plain noisy accuracy gives partial
+    credit to exactly the errors the noise makes (a model that learned the flips), this does not.
+    """
+    pred, noisy = np.asarray(pred), np.asarray(noisy)
+    if transition is None:
+        return float((pred == noisy).mean())
+    if np.linalg.cond(transition) > 1e8:
+        return math.nan
+    return float(np.linalg.inv(transition)[noisy, pred].mean())

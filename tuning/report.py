@@ -74,7 +74,9 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
             "",
         ]
     regrets = {
-        c: selection.regret(table, c) for c in ("val_band_bound", "bound", "measure", "val_acc") if _has(table, c)
+        c: selection.regret(table, c)
+        for c in ("val_band_bound", "bound", "measure", "val_acc", "val_acc_corr")
+        if _has(table, c)
     }
     if regrets:
         lines.append(

@@ -499,6 +499,8 @@ def _selection_stats(frame: pd.DataFrame) -> dict[str, float]:
         frame = add_selection_metrics(frame)
     if "val_band_bound" in frame:
         criteria.append("val_band_bound")
+    if "val_acc_corr" in frame and np.isfinite(frame["val_acc_corr"].to_numpy(float)).any():
+        criteria.append("val_acc_corr")
     stats = {f"regret_{c}": regret(frame, c) for c in criteria}
     stats["expected_regret_val_acc"] = expected_regret(frame, "val_acc")
     stats["agreement_bound_val_acc"] = ranking_agreement(frame, "bound", "val_acc")
@@ -518,7 +520,8 @@ def summary(trials: TrialTable) -> dict[str, float]:
     * ``partial_kendall_<m>_<t>_given_train_loss`` (feasibility.md §4: the raw gap is largely
       "how much it fit", so τ partial on train loss is the more telling number);
     * ``regret_<c>``, ``expected_regret_val_acc`` (random tie-breaking); c also
-      ``val_band_bound`` when the trials report ``n_val`` (:func:`add_selection_metrics`);
+      ``val_band_bound`` when the trials report ``n_val`` (:func:`add_selection_metrics`) and
+      ``val_acc_corr`` when they report it (their task knows the noise matrix);
     * ``agreement_bound_val_acc`` and ``agreement_<c>_oracle`` (ranking quality vs test accuracy);
     * ``oracle_test_acc`` and ``n_trials``.
     """
@@ -609,6 +612,15 @@ for _study in (
         "lowest Hessian bound B among trials whose noisy-validation accuracy is within one binomial "
         "standard error of the best (needs add_selection_metrics); ties broken by higher val_acc",
         tie_breakers=(("val_acc", "max"),),
+    ),
+    Criterion(
+        "val_acc_corr",
+        "val_acc_corr",
+        "max",
+        "highest bias-corrected noisy-validation accuracy mean (F^-1)[noisy label, prediction], unbiased for the "
+        "clean accuracy when the noise matrix F is right (trials report it when their task knows F); not "
+        "Hessian-based; ties broken by lower val_loss, then lower bound",
+        tie_breakers=(("val_loss", "min"), ("bound", "min")),
     ),
     Criterion(
         "bound_floor",

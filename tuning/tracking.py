@@ -36,7 +36,7 @@ SWEEP_TAG = "hesstune.sweep"
 # also logged first, which is the metric MLflow's parallel-coordinates plot opens with.
 HEADLINE_METRICS = (
     "bound", "measure", "gap", "val_acc", "test_acc", "train_acc", "val_loss", "train_loss", "distance", "trace",
-    "lambda_max",
+    "lambda_max", "val_acc_corr",
 )  # fmt: skip
 DETAIL_PREFIX = "xtra/"
 TRIAL_TAG = "hesstune.trial_id"

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from trainables.noise import corrected_accuracy
+
 from .design import Job, method_name, sample_config
 
 __all__ = ["labels_from_text", "labels_text", "record_run", "run_jobs"]
@@ -127,22 +129,6 @@ def _consistent_loss(logits: Any, labels: Any, transition: np.ndarray | None, ca
     inv = torch.as_tensor(np.linalg.inv(transition), dtype=torch.float64)
     per_class = (-torch.log_softmax(logits.double(), dim=1)).clamp(max=cap)
     return float((inv[labels] * per_class).sum(dim=1).mean())
-
-
-def corrected_accuracy(pred: np.ndarray, noisy: np.ndarray, transition: np.ndarray | None) -> float:
-    """Unbiased estimate of *clean* accuracy from noisy labels: mean_j (F⁻¹)[ỹ_j, h(x_j)].
-
-    E[(F⁻¹)[ỹ, h] | y] = Σ_k F[y, k] (F⁻¹)[k, h] = 1(h = y) for class-conditional noise with
-    transition F. Under symmetric noise it is an increasing affine map of the noisy accuracy (same
-    ranking); under pair or other class-dependent noise the plain noisy accuracy gives partial
-    credit to exactly the errors the noise makes (a model that learned the flips), this does not.
-    """
-    pred, noisy = np.asarray(pred), np.asarray(noisy)
-    if transition is None:
-        return float((pred == noisy).mean())
-    if np.linalg.cond(transition) > 1e8:
-        return math.nan
-    return float(np.linalg.inv(transition)[noisy, pred].mean())
 
 
 def _bits(correct: Any) -> str:
