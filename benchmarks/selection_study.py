@@ -1,6 +1,6 @@
 """The selection study (issue #6): Hessian-based model selection against held-out accuracy.
 
-    python benchmarks/selection_study.py run --preset default            # train (resumable), ≈ 1 h on 2 cores
+    python benchmarks/selection_study.py run --preset default            # train (resumable), 44 min on 2 cores
     python benchmarks/selection_study.py analyze --preset default        # tables, figures, KEY lines
     python benchmarks/selection_study.py all --preset smoke              # both, a few seconds (CI)
 
