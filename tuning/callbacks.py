@@ -47,9 +47,9 @@ class TrackingCallback(Callback):
     :func:`tuning.selection.summary` over all finished trials (step = number finished).
     """
 
-    def __init__(self, uri: str, exp_id: str, parent_id: str, *, objective: str, sweep: str) -> None:
+    def __init__(self, uri: str, exp_id: str, parent_id: str, *, sweep: str) -> None:
         self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
-        self.objective, self.sweep = objective, sweep
+        self.sweep = sweep
         self.children: dict[str, str] = {}
         self._client: Any = None
         self._finals: dict[str, dict[str, float]] | None = None  # final metrics of finished trials

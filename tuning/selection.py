@@ -610,7 +610,8 @@ for _study in (
         "val_band_bound",
         "min",
         "lowest Hessian bound B among trials whose noisy-validation accuracy is within one binomial "
-        "standard error of the best (needs add_selection_metrics); ties broken by higher val_acc",
+        "standard error of the best (a sweep-relative metric: report/export add it, code calls "
+        "add_selection_metrics); ties broken by higher val_acc",
         tie_breakers=(("val_acc", "max"),),
     ),
     Criterion(

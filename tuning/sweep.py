@@ -267,7 +267,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
     paths.experiment.mkdir(parents=True, exist_ok=True)
     meta = {**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}
     paths.meta.write_text(json.dumps(meta, indent=1))
-    tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, objective=opts.objective, sweep=opts.name)
+    tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, sweep=opts.name)
     progress = ProgressCallback(opts.trials, metric, log=log)
     tic = time.perf_counter()
     log(

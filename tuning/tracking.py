@@ -129,10 +129,11 @@ def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int, *, 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    keys = sorted(metrics, key=lambda k: HEADLINE_METRICS.index(k) if k in HEADLINE_METRICS else len(HEADLINE_METRICS))
+    first = {k: i for i, k in enumerate(HEADLINE_METRICS)}
+    keys = sorted(metrics, key=lambda k: first.get(k, len(first))) if trial else list(metrics)
     items = [
         Metric(mlflow_key(k) if trial else _metric_key(k), float(metrics[k]), now, step)
-        for k in (keys if trial else metrics)
+        for k in keys
         if isinstance(metrics[k], int | float) and not isinstance(metrics[k], bool) and math.isfinite(float(metrics[k]))
     ]
     for i in range(0, len(items), 500):
