@@ -336,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--objective",
         default=selection.DEFAULT_CRITERION,
-        help="what Optuna optimises: bound (default), measure, val_acc or val_loss (the pick is --criterion of report/export: val_band_bound with a validation split, else bound)",
+        help=(
+            "what Optuna optimises: bound (default), measure, val_acc or val_loss (the pick is report/export's "
+            "--criterion: val_band_bound with a validation split, else bound)"
+        ),
     )
     s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
     s.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for Ray results and the default MLflow store")
