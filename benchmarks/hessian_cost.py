@@ -11,7 +11,10 @@ Two ratios (hessian.md §2, §4):
    computes it (double backward; ``PROBES_PER_BATCH`` = 4 products per batch share one forward
    and create_graph backward, timed together and divided by 4) / one gradient (forward +
    backward), same batch of 32, both in eval mode. Goal ≤ 2.5. A lone product (what Lanczos
-   needs, one new vector per step) is printed next to it.
+   needs, one new vector per step) is printed next to it: it cannot get much below 3, because
+   exact double backward runs about three times a gradient's convolutions (forward 1, first
+   backward 2, second backward 6: the forward convolutions' backward again, plus two
+   convolutions and two convolution gradients per layer for the cross terms, ``_conv.py``).
 2. ``measure_over_floor``: (time of ``layer_curvatures(reduce="max")`` over all of S) / (time of one
    training epoch over S: batch 32, forward + backward + SGD step, train mode), divided by the
    floor (1 + L)/3 epochs of the exact per-sample max measure (L = measured weight tensors = 16).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -557,6 +558,44 @@ def test_products_sharing_one_graph_equal_lone_products() -> None:
     for vector, products in zip(vectors, shared, strict=True):
         for a, b in zip(products, batch_hvp(model, cross_entropy, leaves, vector, x, y), strict=True):
             assert_close(a, b, rel=1e-12)
+
+
+CONV_GEOMETRIES = [  # (dims, stride, padding, dilation, groups, bias)
+    (1, 1, 0, 1, 1, True), (2, 2, 1, 1, 1, False), (2, 1, (1, 2), (2, 1), 2, True), (3, (1, 2, 1), 1, 1, 1, True)]
+
+
+@pytest.mark.parametrize(("dims", "stride", "padding", "dilation", "groups", "bias"), CONV_GEOMETRIES)
+def test_fast_conv_double_backward_equals_natives(dims: int, stride: Any, padding: Any, dilation: Any,
+                                                  groups: int, bias: bool) -> None:
+    """HVPs through trainables.hessian._conv (used by batch_hvp) equal native double backward,
+    including the cross terms with the layer below (two stacked convolutions, smooth activation)."""
+    from trainables.hessian._derivatives import autodiff_kernels, batch_hvp
+
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    torch.manual_seed(13)
+    model = nn.Sequential(conv(2, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias),
+                          nn.Tanh(), conv(4, 4, 2, groups=groups, bias=bias), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(5, 2, *[7] * dims, dtype=DTYPE)
+    y = torch.randint(0, 3, (5,))
+    model = model.to(DTYPE)
+    model(x)
+    leaves = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    vector = [torch.randn_like(p) for p in leaves.values()]
+    with torch.enable_grad(), autodiff_kernels(double_backward=True):
+        assert type(model[0](x).grad_fn).__name__ == "_ConvolutionBackward"  # the fast path ran
+    loss = cross_entropy(functional_call(model, leaves, (x,)), y).mean()
+    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+    native = torch.autograd.grad(grads, list(leaves.values()), grad_outputs=vector)
+    for a, b in zip(batch_hvp(model, cross_entropy, leaves, vector, x, y), native, strict=True):
+        assert_close(a, b, rel=1e-10)
+
+
+def test_fast_conv_leaves_string_padding_to_the_native_op() -> None:
+    from trainables.hessian._derivatives import autodiff_kernels
+
+    conv = nn.Conv2d(2, 3, 3, padding="same")
+    with torch.enable_grad(), autodiff_kernels(double_backward=True):
+        assert type(conv(torch.randn(1, 2, 5, 5)).grad_fn).__name__ == "ConvolutionBackward0"
 
 
 def test_trace_rounds_are_the_independent_samples() -> None:

@@ -23,6 +23,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from trainables.hessian._conv import CONV_FUNCTIONS, fast_double_backward_conv
 from trainables.hessian._model import LossFn, per_sample_losses
 
 # Layer types whose output tangent is the layer's own linear map applied to v (u = op(a, v)).
@@ -180,26 +181,37 @@ def nested_loss_curvature(frozen: FrozenModel, loss_fn: LossFn, name: str, direc
 
 
 @contextlib.contextmanager
-def autodiff_kernels() -> Iterator[None]:
+def autodiff_kernels(double_backward: bool = False) -> Iterator[None]:
     """Kernels that are fast and available under forward AD and double backward, same functions.
 
     - scaled_dot_product_attention goes to its math backend: the fused kernels have neither
       forward AD nor double backward (pytorch#117629, #116350; hessian.md §1.2);
     - eval-mode ``F.batch_norm`` is evaluated as x·scale + shift: its native forward-AD formula
       runs through slow decompositions (it dominated nested jvps on test_resnet);
-    - ``F.hardsigmoid`` by its clamp formula (no forward AD for its native derivative).
+    - ``F.hardsigmoid`` by its clamp formula (no forward AD for its native derivative);
+    - with ``double_backward``, convolutions whose double backward uses convolution kernels
+      (:mod:`._conv`; they have no forward AD, so only for double backward).
     """
-    with sdpa_kernel([SDPBackend.MATH]), _AffineEvalBatchNorm():
+    with sdpa_kernel([SDPBackend.MATH]), _AutodiffKernels(double_backward):
         yield
 
 
-class _AffineEvalBatchNorm(TorchFunctionMode):
-    """Evaluate inference-mode ``F.batch_norm`` (running statistics) as an affine map, and
-    ``F.hardsigmoid`` as clamp((x + 3)/6, 0, 1): the same functions with fast, complete autodiff."""
+class _AutodiffKernels(TorchFunctionMode):
+    """Evaluate inference-mode ``F.batch_norm`` (running statistics) as an affine map,
+    ``F.hardsigmoid`` as clamp((x + 3)/6, 0, 1) and, with ``fast_conv``, ``F.conv{1,2,3}d`` through
+    :func:`fast_double_backward_conv`: the same functions with fast, complete autodiff."""
+
+    def __init__(self, fast_conv: bool) -> None:
+        super().__init__()
+        self.fast_conv = fast_conv
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if self.fast_conv and func in CONV_FUNCTIONS:
+            result = fast_double_backward_conv(CONV_FUNCTIONS[func], args, kwargs)
+            if result is not None:
+                return result
         if func is F.batch_norm:
             bound = dict(zip(_BATCH_NORM_ARGS, args, strict=False)) | kwargs
             if not bound.get("training", False) and bound.get("running_mean") is not None:
@@ -242,7 +254,7 @@ def batch_hvps(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], 
     per vector on the retained graph. The first two passes are a third of a lone product's
     cost, so k products on one batch cost about (1 + 2k)/3 lone ones (``hessian_cost.py``)."""
     params = list(leaves.values())
-    with torch.enable_grad(), autodiff_kernels():
+    with torch.enable_grad(), autodiff_kernels(double_backward=True):
         loss = per_sample_losses(loss_fn, functional_call(model, dict(leaves), (x,)), y).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]

@@ -9,7 +9,7 @@ are the independent samples the standard error is computed from. Sampling stops 
 error (not PyHessian's relative-change rule, see hessian.md §1.1, §1.6). The same products give
 unbiased per-parameter traces z_iᵀ(H z)_i, since cross-block terms have zero mean. HVPs by double
 backward (hessian.md §0); the probes of a round reuse one graph (:func:`batch_hvps`), which makes
-a product about 2.3× a gradient instead of 3.1× on ``test_resnet`` (``benchmarks/hessian_cost.py``).
+a product about 2.2× a gradient instead of 3.0–3.2× on ``test_resnet`` (``benchmarks/hessian_cost.py``).
 """
 
 from __future__ import annotations
