@@ -269,6 +269,9 @@ def test_metrics_use_clean_test_labels_and_noisy_val_labels(task: TaskData) -> N
     corrected = np.linalg.inv(task.transition)[task.val.labels.numpy(), pred].mean()
     assert m["val_acc_corr"] == pytest.approx(corrected)
     assert m["n_val"] == len(task.val) and m["n_train"] == len(task.train)
+    from tuning.selection import noise_constants
+
+    assert m["noise_entropy"] == pytest.approx(noise_constants("symmetric", 0.2, K)[0])  # bound_floor's H_F
 
 
 def test_consistent_loss_reports_its_objective_and_the_clean_gap(task: TaskData) -> None:

@@ -188,7 +188,7 @@ def test_val_band_bound_picks_lowest_bound_among_near_equal_validation_scores() 
     assert select(frame, "val_band_bound") == "near"
     assert select(add_selection_metrics(trials, n_val=100, band_z=0.0), "val_band_bound") == "best_val"
     assert select(add_selection_metrics(trials, n_val=100, band_z=3.0), "val_band_bound") == "far"
-    with pytest.raises(ValueError, match="unknown metric 'val_band_bound'"):
+    with pytest.raises(ValueError, match="'val_band_bound' needs trials that report val_acc, bound and n_val"):
         select(trials, "val_band_bound")  # the derived metric was not added
 
 
@@ -209,6 +209,10 @@ def test_bound_floor_in_the_registry_matches_the_study() -> None:
     assert select(frame, "bound_floor") == "fit"
     study = _search(bound_loss=[0.6, 1.3, 2.0, 2.0], measure=[*list(trials["measure"]), 1.0, 1.0])
     np.testing.assert_allclose(criteria.bound_floor(study)[:2], frame["bound_floor"])
+    reported = add_selection_metrics(trials.assign(noise_entropy=1.2275))  # H_F as trials report it
+    np.testing.assert_allclose(reported["bound_floor"], frame["bound_floor"])
+    with pytest.raises(ValueError, match="'bound_floor' needs trials whose task knows the noise matrix F"):
+        select(add_selection_metrics(trials), "bound_floor")
 
 
 # --------------------------------------------------------------------------- published numbers

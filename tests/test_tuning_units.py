@@ -102,3 +102,18 @@ def test_trial_metrics_sort_headline_first_in_mlflow_and_read_back_unchanged() -
     assert names[: len(HEADLINE_METRICS)] == sorted(HEADLINE_METRICS)
     assert all(n.startswith("xtra/") for n in names[len(HEADLINE_METRICS) :])
     assert sorted(metric_name(n) for n in names) == sorted(reported)
+
+
+def test_report_says_why_correlations_are_nan_with_fewer_than_three_trials() -> None:
+    import pandas as pd
+
+    from tuning.report import format_report
+
+    rows = [{"trial_id": f"t{i}", "bound": 1.0 + i, "measure": 0.1 * i, "gap": 0.2 + 0.1 * i ** 2,
+             "val_acc": 0.5, "test_acc": 0.7 - 0.1 * i} for i in range(3)]
+    note = "(NaN where n < 3"
+    assert note in format_report(pd.DataFrame(rows[:2]), "bound")
+    text = format_report(pd.DataFrame(rows), "bound")
+    rows_after = text.split("Correlation with the true test gap")[1].splitlines()
+    assert note not in text and next(r for r in rows_after if r.startswith("measure")).split()[1:] == [
+        "1.000", "1.000", "0.961", "3"]  # gap = 0.2 + 10·measure²: monotone, not linear

@@ -22,7 +22,7 @@ from torch import nn
 from trainables.config import ConfigError, RunConfig
 from trainables.data import TaskData, load_task
 from trainables.models import create_model, layer_groups
-from trainables.noise import corrected_accuracy
+from trainables.noise import corrected_accuracy, noise_entropy
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 
 __all__ = ["DivergedError", "EpochResult", "fine_tune", "predict", "resolve_device", "train_to_end"]
@@ -252,6 +252,8 @@ def evaluate(run: _Run) -> dict[str, float]:
             m["val_acc_corr"] = corrected_accuracy(
                 val_logits.argmax(1).numpy(), data.val.labels.numpy(), data.transition
             )
+    if data.transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics)
+        m["noise_entropy"] = noise_entropy(data.transition)
     test_logits = predict(model, data.test.x)
     m["test_loss"], m["test_acc"] = _split_metrics(test_logits, data.test.clean)
     m["test_loss_noisy"], m["test_acc_noisy"] = _split_metrics(test_logits, data.test_noisy)

@@ -96,6 +96,15 @@ def apply_noise(
     return _KINDS[noise.kind](clean, num_classes, noise.rate, rng, weak_scores)
 
 
+def noise_entropy(transition: np.ndarray) -> float:
+    """H_F: the mean row entropy of the transition matrix F (nats), the lowest noisy-label loss a
+    model reaches when the clean label is a function of x (``bound_floor``, docs/results.md)."""
+    f = np.asarray(transition, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows = -np.where(f > 0, f * np.log(f), 0.0).sum(axis=1)
+    return float(rows.mean())
+
+
 def corrected_accuracy(pred: np.ndarray, noisy: np.ndarray, transition: np.ndarray | None) -> float:
     """Unbiased estimate of *clean* accuracy from noisy labels: mean_j (F⁻¹)[ỹ_j, h(x_j)].
 

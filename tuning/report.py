@@ -65,14 +65,16 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]
-    measures = [m for m in CORRELATION_MEASURES if m in table]
+    measures = [m for m in CORRELATION_MEASURES if m in table and _finite(table[m]).any()]
     if measures and "gap" in table:
         corr = selection.correlations(table, measures=tuple(measures), target="gap")
         lines += [
             "Correlation with the true test gap (noisy-test loss − train loss):",
             corr.to_string(float_format=lambda x: f"{x:.3f}"),
-            "",
         ]
+        if (corr["n"] < 3).any():
+            lines.append("(NaN where n < 3: a correlation needs at least 3 finished trials with the measure)")
+        lines.append("")
     regrets = {
         c: selection.regret(table, c)
         for c in ("val_band_bound", "bound", "measure", "val_acc", "val_acc_corr")
@@ -89,9 +91,13 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _finite(column: pd.Series) -> np.ndarray:
+    return np.isfinite(pd.to_numeric(column, errors="coerce").to_numpy(float))
+
+
 def _has(table: pd.DataFrame, criterion: str) -> bool:
     metric = selection.get_criterion(criterion).metric
-    return metric in table and bool(np.isfinite(pd.to_numeric(table[metric], errors="coerce")).any())
+    return metric in table and bool(_finite(table[metric]).any())
 
 
 def export_configs(table: pd.DataFrame, criterion: str, top: int, folder: Path, *, refit: bool = False) -> list[Path]:

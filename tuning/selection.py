@@ -111,6 +111,7 @@ class Criterion:
     description: str
     evaluation_only: bool = False
     tie_breakers: tuple[tuple[str, Direction], ...] = ()
+    needs: str = ""  # which trials have ``metric``: the error when a table lacks it
 
     def __post_init__(self) -> None:
         for metric, direction in ((self.metric, self.direction), *self.tie_breakers):
@@ -161,6 +162,7 @@ for _builtin in (
         "max",
         "highest noisy-validation accuracy; ties broken by lower val_loss, then lower bound",
         tie_breakers=(("val_loss", "min"), ("bound", "min")),
+        needs="trials whose task knows the noise matrix F (injected noise, --noise) and has a validation split",
     ),
     Criterion("val_loss", "val_loss", "min", "lowest noisy-validation loss"),
     Criterion(
@@ -224,6 +226,8 @@ def _sort_key(values: np.ndarray, direction: Direction) -> np.ndarray:
 
 def _ranked_positions(frame: pd.DataFrame, criterion: Criterion) -> np.ndarray:
     """Row positions of trials with a non-NaN criterion metric, best first."""
+    if criterion.needs and criterion.metric not in frame.columns:
+        raise ValueError(f"criterion {criterion.name!r} needs {criterion.needs}; these trials have none")
     primary = _column(frame, criterion.metric)
     eligible = np.flatnonzero(~np.isnan(primary))
     keys = [np.arange(len(frame))]  # last resort: input order
@@ -574,7 +578,7 @@ def add_selection_metrics(
     trials: TrialTable,
     *,
     n_val: int | None = None,
-    noise_entropy: float | None = None,
+    noise_entropy: float | np.ndarray | None = None,
     band_z: float = 1.0,
 ) -> pd.DataFrame:
     """The trial table with the derived metrics of the study's criteria added.
@@ -583,11 +587,14 @@ def add_selection_metrics(
       standard errors √(a(1 − a)/n_val) of the best a, NaN for the others (so the criterion of the
       same name picks the lowest B among near-equal validation scores). ``n_val``: the validation
       size (or a ``n_val`` column). Needs ``val_acc`` and ``bound``.
-    * ``bound_floor`` (when ``noise_entropy`` is given and the table has ``bound_loss``,
-      ``bound_C`` and ``measure``): max(L̂, H_F) + √C · M, B with its loss term floored at the noise
-      entropy (:func:`noise_constants`), which removes B's reward for fitting noisy labels.
+    * ``bound_floor`` (when the table has ``bound_loss``, ``bound_C``, ``measure`` and H_F:
+      ``noise_entropy`` or a ``noise_entropy`` column, which trials report when their task knows F):
+      max(L̂, H_F) + √C · M, B with its loss term floored at the noise entropy
+      (:func:`noise_constants`), which removes B's reward for fitting noisy labels.
     """
     frame = _frame(trials)
+    if noise_entropy is None and "noise_entropy" in frame and np.isfinite(_numeric(frame, "noise_entropy")).all():
+        noise_entropy = _numeric(frame, "noise_entropy").to_numpy()
     acc, bound = frame["val_acc"].to_numpy(), frame["bound"].to_numpy()
     if np.isfinite(acc).any():
         size = n_val if n_val is not None else (frame["n_val"].to_numpy(float) if "n_val" in frame else None)
@@ -613,6 +620,7 @@ for _study in (
         "standard error of the best (a sweep-relative metric: report/export add it, code calls "
         "add_selection_metrics); ties broken by higher val_acc",
         tie_breakers=(("val_acc", "max"),),
+        needs="trials that report val_acc, bound and n_val (a validation split)",
     ),
     Criterion(
         "val_acc_corr",
@@ -622,13 +630,15 @@ for _study in (
         "clean accuracy when the noise matrix F is right (trials report it when their task knows F); not "
         "Hessian-based; ties broken by lower val_loss, then lower bound",
         tie_breakers=(("val_loss", "min"), ("bound", "min")),
+        needs="trials whose task knows the noise matrix F (injected noise, --noise) and has a validation split",
     ),
     Criterion(
         "bound_floor",
         "bound_floor",
         "min",
-        "lowest B with its loss term floored at the noise entropy H_F (needs add_selection_metrics "
-        "with the noise model); no validation split needed",
+        "lowest B with its loss term floored at the noise entropy H_F of the noise matrix F (trials "
+        "report H_F as noise_entropy when their task knows F); no validation split needed",
+        needs="trials whose task knows the noise matrix F (injected noise, --noise): they report noise_entropy",
     ),
 ):
     register_criterion(_study)

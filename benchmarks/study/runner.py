@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from trainables.noise import corrected_accuracy
+from trainables.noise import corrected_accuracy, noise_entropy
 
 from .design import Job, method_name, sample_config
 
@@ -104,10 +104,8 @@ def _noise_constants(transition: np.ndarray | None, k: int) -> dict[str, float]:
     if transition is None:
         return {"noise_entropy": 0.0, "noise_acc": 1.0, "F_min": 0.0, "F_cond": 1.0}
     f = np.asarray(transition, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rows = -np.nansum(np.where(f > 0, f * np.log(f), 0.0), axis=1)
     return {
-        "noise_entropy": float(rows.mean()),
+        "noise_entropy": noise_entropy(f),
         "noise_acc": float(np.diag(f).mean()),
         "F_min": float(f.min()),
         "F_cond": float(np.linalg.cond(f)),
