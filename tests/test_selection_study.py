@@ -215,6 +215,40 @@ def test_bound_floor_in_the_registry_matches_the_study() -> None:
         select(add_selection_metrics(trials), "bound_floor")
 
 
+def _with_predictions(frame: pd.DataFrame, noisy: np.ndarray, predictions: list[np.ndarray]) -> pd.DataFrame:
+    return frame.assign(val_labels_pred=[(noisy, h) for h in predictions])
+
+
+def _pair_noise(clean: np.ndarray, k: int = 5) -> np.ndarray:
+    """Every third sample flipped c → c + 1: the disagreements all land on one other class."""
+    noisy = clean.copy()
+    noisy[::3] = (clean[::3] + 1) % k
+    return noisy
+
+
+def test_consensus_transition_recovers_f_when_the_vote_is_right() -> None:
+    clean = np.tile(np.arange(5), 60)  # 300 samples, 60 per class
+    noisy = _pair_noise(clean)
+    estimate = criteria.consensus_transition(noisy, np.stack([clean, clean, (clean + 2) % 5]), 5)
+    expected = np.eye(5) * (2 / 3) + np.roll(np.eye(5), 1, axis=1) / 3  # F[c, c + 1] = 1/3
+    np.testing.assert_allclose(estimate, expected, atol=0.02)  # ½-count smoothing only
+
+
+def test_noise_switch_bands_only_when_the_errors_are_uneven() -> None:
+    clean = np.tile(np.arange(5), 60)
+    frame = _search(bound=[0.9, 0.5, 0.7, 0.1], n_val=[300] * 4)
+    band = list(criteria.pick("val_band_bound", frame))
+    assert band != list(criteria.pick("val_acc", frame))
+    structured = _pair_noise(clean)
+    even = clean.copy()
+    even[::3] = (clean[::3] + 1 + np.arange(100) % 4) % 5  # wrong labels spread over the other 4 classes
+    for noisy, want, p_below in ((structured, band, True), (even, list(criteria.pick("val_acc", frame)), False)):
+        searched = _with_predictions(frame, noisy, [clean] * 4)
+        assert (criteria.structure_p_value(searched) < criteria.STRUCTURE_ALPHA) is p_below
+        assert list(criteria.pick("noise_switch", searched)) == want
+    assert list(criteria.pick("noise_switch", frame)) == []  # no recorded predictions: cannot pick
+
+
 # --------------------------------------------------------------------------- published numbers
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,17 @@ from scipy import stats as sps
 
 from tuning.selection import granulated_kendall, kendall_tau, partial_kendall, spearman_rho
 
-from .criteria import CRITERIA, REFERENCES, TUNED, bound_floor, delivered, guard_excess, pick
+from .criteria import (
+    CRITERIA,
+    REFERENCES,
+    STRUCTURE_ALPHA,
+    TUNED,
+    bound_floor,
+    delivered,
+    guard_excess,
+    pick,
+    structure_p_value,
+)
 from .runner import enrich_from_raw, labels_from_text, load_rows
 
 __all__ = ["analyze", "correlation_table", "key_lines", "load_trials", "selection_table", "write_trials"]
@@ -138,16 +149,20 @@ def load_trials(path: Path) -> pd.DataFrame:
     if labels_path.is_file() and "val_pred" in frame:
         labels = json.loads(labels_path.read_text())
         scores: list[Any] = []
+        pairs: list[Any] = []
         for search, pred in zip(frame["search"], frame["val_pred"], strict=True):
             entry = labels.get(search)
             if entry is None or not isinstance(pred, str):
                 scores.append(None)
+                pairs.append(None)
                 continue
             noisy, h = labels_from_text(entry["val_noisy"]), labels_from_text(pred)
             k = int(max(noisy.max(), h.max())) + 1
             inv = np.eye(k) if entry["F"] is None else np.linalg.inv(np.asarray(entry["F"]))
             scores.append(inv[noisy, h])
+            pairs.append((noisy, h))
         frame["val_scores"] = scores
+        frame["val_labels_pred"] = pairs  # (noisy val labels, predictions): criteria that estimate F
     return frame
 
 
@@ -463,6 +478,19 @@ def paired_vs(table: pd.DataFrame, ref: str = "val_acc", arm: str = "tv", by: st
     return pd.DataFrame(rows)
 
 
+def structure_test_markdown(frame: pd.DataFrame, arm: str = "tv") -> str:
+    """How often ``noise_switch``'s test flags class-dependent noise, per noise kind."""
+    flagged: dict[str, list[float]] = {}
+    for key, group in _searches(frame[frame["arm"] == arm]):
+        kind = "clean" if key[0] == "clean" else str(key[0]).rstrip("0123456789")
+        flagged.setdefault(kind, []).append(structure_p_value(group.reset_index(drop=True)))
+    lines = [f"| noise | searches flagged (p < {STRUCTURE_ALPHA}) | median p |", "|---|---|---|"]
+    for kind, values in flagged.items():
+        p = np.array(values)
+        lines.append(f"| {kind} | {int((p < STRUCTURE_ALPHA).sum())}/{p.size} | {np.nanmedian(p):.2g} |")
+    return "\n".join(lines)
+
+
 def paired_markdown(paired: pd.DataFrame) -> str:
     groups = list(dict.fromkeys(paired["group"]))
     lines = [
@@ -536,7 +564,7 @@ def subsearch_table(
         runs = np.sort(group["run"].unique())
         if len(runs) <= k:
             continue
-        rng = np.random.default_rng(abs(hash(key)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(repr(key).encode()))  # str hash() changes per process
         regrets: dict[str, list[float]] = {c: [] for c in criteria}
         for _ in range(draws):
             chosen = rng.choice(runs, size=k, replace=False)
@@ -668,6 +696,8 @@ ORDER = [
     "val_band_bound_unpaired",
     "val_band_measure",
     "val_band_bound_tuned",
+    "noise_switch",
+    "val_acc_corr_vote",
     "val_bound_loss",
     "bound",
     "bound_floor",
@@ -915,6 +945,10 @@ def analyze(
         "criterion is better / equal / worse)",
         "",
         paired_markdown(paired),
+        "",
+        "## noise_switch's test: searches where the top candidate's errors are uneven across classes (tv arm)",
+        "",
+        structure_test_markdown(frame),
         "",
     ]
     if not nv.empty:

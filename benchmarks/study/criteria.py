@@ -51,6 +51,13 @@ Why each candidate (the theory in one or two lines; docs/results.md has the numb
   not significantly worse than the best on the *paired* validation sample (McNemar:
   wins − losses against the top candidate ≤ z·√(wins + losses), z = 1 a priori), it carries no
   information, so break the near-tie by the Hessian bound (or M) instead of by chance.
+- ``val_acc_corr_vote`` / ``noise_switch`` (data-suggested after the study; they need no F): a
+  user who does not know F could estimate it from the sweep itself, with the candidates' majority
+  vote on the validation set standing in for the clean labels (``val_acc_corr_vote``). Or act on
+  the finding that the band helps under class-dependent noise and hurts under symmetric noise:
+  test whether the top candidate's disagreements with the noisy labels are spread evenly over the
+  other classes (χ², α = 0.01 a priori) and use ``val_band_bound`` only when they are not,
+  ``val_acc`` otherwise (``noise_switch``).
 
 Baselines: ``val_acc`` (noisy-validation accuracy, the reference), ``val_loss``, ``val_bound_loss``
 (B's own loss on the noisy validation labels: a held-out estimate of what B bounds),
@@ -73,10 +80,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["CRITERIA", "REFERENCES", "TUNED", "Spec", "bound_floor", "delivered", "guard_excess", "pick"]
+__all__ = [
+    "CRITERIA",
+    "REFERENCES",
+    "STRUCTURE_ALPHA",
+    "TUNED",
+    "Spec",
+    "bound_floor",
+    "consensus_transition",
+    "delivered",
+    "guard_excess",
+    "pick",
+    "structure_p_value",
+]
 
 GUARD_Z = 2.0  # a-priori: two binomial standard errors above the noise-consistent accuracy
 BAND_Z = 1.0  # a-priori: one paired standard error
+STRUCTURE_ALPHA = 0.01  # a-priori: level of noise_switch's test for class-dependent noise
 FIT_DELTAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # grid for measure_at_fit's δ (nats)
 BAND_ZS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # grid for the tuned validation band
 
@@ -151,6 +171,63 @@ def corrected_band(frame: pd.DataFrame, z: float = BAND_Z) -> np.ndarray:
     diff = scores[ref] - scores  # [candidates, n_val]
     se = diff.std(axis=1, ddof=1) / np.sqrt(diff.shape[1])
     return diff.mean(axis=1) <= z * se + 1e-12
+
+
+def _labels_and_predictions(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """(noisy val labels [n_val], predictions [candidates, n_val]); None where not recorded."""
+    pairs = list(frame["val_labels_pred"]) if "val_labels_pred" in frame else []
+    if not pairs or any(p is None for p in pairs):
+        return None
+    return pairs[0][0], np.stack([p[1] for p in pairs])
+
+
+def consensus_transition(noisy: np.ndarray, predictions: np.ndarray, k: int) -> np.ndarray:
+    """F̂ with the candidates' majority vote h̄ standing in for the clean labels: the counts of
+    (h̄ = c, ỹ = k) plus ½, each row normalised. Needs no F: what a user without F could try."""
+    vote = np.stack([np.bincount(column, minlength=k) for column in predictions.T]).argmax(1)
+    counts = np.full((k, k), 0.5)
+    np.add.at(counts, (vote, noisy), 1)
+    return counts / counts.sum(1, keepdims=True)
+
+
+def _corrected_by_consensus(frame: pd.DataFrame) -> np.ndarray:
+    data = _labels_and_predictions(frame)
+    if data is None:
+        return np.array([], dtype=int)
+    noisy, predictions = data
+    estimate = consensus_transition(noisy, predictions, int(max(noisy.max(), predictions.max())) + 1)
+    if np.linalg.cond(estimate) > 1e8:
+        return np.array([], dtype=int)
+    return _argmin(-np.linalg.inv(estimate)[noisy[None, :], predictions].mean(1))
+
+
+def structure_p_value(frame: pd.DataFrame) -> float:
+    """P-value of "the top noisy-val candidate's disagreements with the noisy labels are spread
+    evenly over the other classes" (what symmetric noise gives): Pearson χ² of each predicted
+    class's off-diagonal counts against their mean, pooled over classes. NaN without predictions."""
+    from scipy import stats
+
+    data = _labels_and_predictions(frame)
+    if data is None:
+        return math.nan
+    noisy, predictions = data
+    top = _val_top(frame)
+    h = predictions[top[np.argmin(frame["val_loss"].to_numpy(float)[top])]]
+    k = int(max(noisy.max(), predictions.max())) + 1
+    chi2, dof = 0.0, 0
+    for c in range(k):
+        off = np.array([np.sum((h == c) & (noisy == j)) for j in range(k) if j != c], dtype=float)
+        if off.sum() > 0:
+            chi2 += float(((off - off.mean()) ** 2 / off.mean()).sum())
+            dof += k - 2
+    return float(stats.chi2.sf(chi2, dof)) if dof else 1.0
+
+
+def _noise_switch(frame: pd.DataFrame) -> np.ndarray:
+    p = structure_p_value(frame)
+    if math.isnan(p):
+        return np.array([], dtype=int)
+    return _band_pick(frame, _col(frame, "bound"), BAND_Z) if p < STRUCTURE_ALPHA else _val_top(frame)
 
 
 def binomial_band(frame: pd.DataFrame, z: float = BAND_Z) -> np.ndarray:
@@ -262,6 +339,16 @@ CRITERIA: dict[str, tuple[Spec, _Picker]] = {
     "val_band_bound_tuned": (
         Spec("val_band_bound_tuned", True, True, "noisy-val band (z tuned, held-out seeds+settings), then min B"),
         lambda f, c: _band_pick(f, _col(f, "bound"), float(c if c is not None else BAND_Z)),
+    ),
+    # follow-ups that need no F (session 3, data-suggested)
+    "val_acc_corr_vote": (
+        Spec("val_acc_corr_vote", False, True, "max corrected val accuracy with F̂ from the candidates' majority vote"),
+        lambda f, _: _corrected_by_consensus(f),
+    ),
+    "noise_switch": (
+        Spec("noise_switch", True, True, "val_band_bound if the top candidate's errors are uneven (χ², p < 0.01), "
+             "else val_acc"),
+        lambda f, _: _noise_switch(f),
     ),
 }
 REFERENCES: dict[str, tuple[Spec, _Picker]] = {
