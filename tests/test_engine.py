@@ -310,3 +310,17 @@ def test_wrong_number_of_group_scales_is_rejected_before_training(task: TaskData
     cfg = config(**{"constraint.enabled": True, "constraint.group_scales": [1.0, 2.0]})
     with pytest.raises(ConfigError, match="has 2 values but the model has 5 depth groups"):
         next(fine_tune(cfg, data=task, log=lambda _: None))
+
+
+def test_head_lr_mult_gives_the_head_weights_and_bias_their_own_learning_rate(task: TaskData) -> None:
+    prepared = loop._prepare(config(**{"optim.head_lr_mult": 10.0}), task, log=lambda _: None)
+    body, head = prepared.optimizer.param_groups
+    assert body["lr"] == 3e-3 and head["lr"] == pytest.approx(3e-2)
+    named = dict(prepared.model.named_parameters())
+    assert {id(p) for p in head["params"]} == {id(named["fc.weight"]), id(named["fc.bias"])}
+    assert len(body["params"]) + 2 == len(named)
+    assert len(loop._prepare(config(), task, log=lambda _: None).optimizer.param_groups) == 1  # default: as before
+    faster = run(task, epochs=1, **{"optim.head_lr_mult": 10.0})[-1]["train_objective"]
+    assert faster != run(task, epochs=1)[-1]["train_objective"]
+    with pytest.raises(ConfigError, match="optim.head_lr_mult=0"):
+        config(**{"optim.head_lr_mult": 0.0}).validate()

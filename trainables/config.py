@@ -102,6 +102,7 @@ class ModelConfig:
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
+    head_lr_mult: float = 1.0  # the new head's lr = lr × this (a fresh head often wants a larger step)
     weight_decay: float = 0.0
     momentum: float = 0.9
     batch_size: int = 32
@@ -112,6 +113,8 @@ class OptimConfig:
     def validate(self) -> None:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not self.head_lr_mult > 0:
+            raise ConfigError(f"optim.head_lr_mult={self.head_lr_mult} must be > 0 (1: the body's lr)")
         if self.batch_size < 1:
             raise ConfigError(f"optim.batch_size={self.batch_size} must be ≥ 1")
         if self.weight_decay < 0:

@@ -21,7 +21,7 @@ from torch import nn
 
 from trainables.config import ConfigError, RunConfig
 from trainables.data import TaskData, load_task
-from trainables.models import create_model, layer_groups
+from trainables.models import create_model, head_name, layer_groups
 from trainables.noise import corrected_accuracy, noise_entropy
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 
@@ -77,7 +77,14 @@ class _Run:
 
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    if o.head_lr_mult != 1:  # two parameter groups: the body at lr, the head (weights and bias) faster
+        head = head_name(model) + "."
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [
+            {"params": [p for n, p in named if not n.startswith(head)]},
+            {"params": [p for n, p in named if n.startswith(head)], "lr": o.lr * o.head_lr_mult},
+        ]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adamw":

@@ -107,7 +107,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone(model: nn.Module, path: Path) -> None:
     """Load every weight except the classifier head; shapes must match the architecture."""
     state = load_weights(path)
-    head = _head_name(model)
+    head = head_name(model)
     own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(head + ".")}
     wrong = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
@@ -118,7 +118,8 @@ def load_backbone(model: nn.Module, path: Path) -> None:
     model.load_state_dict(body, strict=False)
 
 
-def _head_name(model: nn.Module) -> str:
+def head_name(model: nn.Module) -> str:
+    """Module name of the classifier head (timm's ``classifier`` entry, e.g. ``fc`` or ``head.fc``)."""
     cfg = getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", {}) or {}
     head = cfg.get("classifier", "fc")
     return head[0] if isinstance(head, list | tuple) else str(head)
@@ -172,7 +173,7 @@ def layer_groups(model: nn.Module) -> LayerGroups:
     Biases and normalisation parameters are not constrained (SPEC §3.1), so only weight tensors
     of ≥ 2 dimensions are listed. Models without a matcher form one body group.
     """
-    head = _head_name(model)
+    head = head_name(model)
     weights = [n for n, p in model.named_parameters() if p.ndim >= 2]
     head_weights = tuple(n for n in weights if n.startswith(head + "."))
     body = [n for n in weights if n not in head_weights]
