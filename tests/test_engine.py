@@ -322,5 +322,24 @@ def test_head_lr_mult_gives_the_head_weights_and_bias_their_own_learning_rate(ta
     assert len(loop._prepare(config(), task, log=lambda _: None).optimizer.param_groups) == 1  # default: as before
     faster = run(task, epochs=1, **{"optim.head_lr_mult": 10.0})[-1]["train_objective"]
     assert faster != run(task, epochs=1)[-1]["train_objective"]
-    with pytest.raises(ConfigError, match="optim.head_lr_mult=0"):
+    with pytest.raises(ConfigError, match=r"optim\.head_lr_mult=0"):
         config(**{"optim.head_lr_mult": 0.0}).validate()
+
+
+def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) -> None:
+    from trainables.measures import measure_model
+
+    cfg = config(epochs=1, **{"measure.samples": 24, "measure.eigen_samples": 16, "measure.eigen_iters": 30,
+                              "measure.trace_max_probes": 8})
+    (result,) = train_to_end(cfg, data=task, log=lambda _: None)
+    prepared = loop._prepare(cfg, task, log=lambda _: None)
+    prepared.model.load_state_dict(result.state()["model"])
+    out = measure_model(prepared.model, prepared.ctx.reference, task, cfg, transition=task.transition)
+    assert out["measure_samples"] == 24
+    assert out["bound"] == pytest.approx(out["bound_loss"] + math.sqrt(out["bound_C"]) * out["measure"])
+    assert out["trace_se"] >= 0 and out["lambda_max"] > 0
+    assert 1 <= out["lambda_max_iters"] < 30  # Lanczos stopped on its residual (measure.eigen_rel_tol)
+    exact = measure_model(prepared.model, prepared.ctx.reference, task, cfg.replace(**{"measure.eigen_rel_tol": 0.0}),
+                          transition=task.transition)
+    assert exact["lambda_max_iters"] == 30
+    assert out["lambda_max"] == pytest.approx(exact["lambda_max"], rel=1e-3)

@@ -398,6 +398,32 @@ def test_trace_and_eigenvalue_match_dense(make: Callable[[], nn.Module],
         assert error <= 4 * result.per_layer_stderr[name] + 1e-12
 
 
+def test_lanczos_stops_once_the_top_ritz_residual_is_small() -> None:
+    from trainables.hessian.eigen import lanczos_tridiagonal
+
+    spectrum = torch.cat([torch.tensor([10.0, 6.0]), torch.linspace(-3, 3, 198)]).to(DTYPE)
+    start = torch.ones(200, dtype=DTYPE)
+    full = lanczos_tridiagonal(lambda v: spectrum * v, start, 60)
+    early = lanczos_tridiagonal(lambda v: spectrum * v, start, 60, rel_tol=1e-3)
+    assert full.shape[0] == 60 and early.shape[0] < 30
+    top = float(torch.linalg.eigvalsh(early).max())
+    assert 10 - 1e-2 <= top <= 10  # Ritz values never exceed λ_max; the residual bounds the error
+    assert_close(float(torch.linalg.eigvalsh(full).max()), 10.0, rel=1e-12)
+
+
+def test_early_stopped_top_eigenvalue_matches_dense_in_fewer_iterations() -> None:
+    from trainables.hessian.eigen import top_eigenvalue_and_iterations
+
+    model, batches = relu_convnet(), image_batches()
+    names = [n for n, _ in model.named_parameters()]
+    exact = float(torch.linalg.eigvalsh(dense_hessian(model.eval(), cross_entropy, batches, names)).max())
+    value, iterations = top_eigenvalue_and_iterations(model, cross_entropy, batches, iters=40, rel_tol=1e-3)
+    assert iterations < 40 and abs(value - exact) <= 1e-3 * abs(exact)
+    assert value == top_eigenvalue(model, cross_entropy, batches, iters=40, rel_tol=1e-3)
+    with pytest.raises(ValueError, match="rel_tol"):
+        top_eigenvalue(model, cross_entropy, batches, rel_tol=1.0)
+
+
 def test_top_eigenvalue_is_the_largest_algebraic_one() -> None:
     # H = [[4,3],[3,1]] scaled by −1 (loss −ℓ): eigenvalues 0.854 and −5.854; λ_max is 0.854, not −5.854.
     net = TwoScalarNet()

@@ -238,7 +238,8 @@ class MeasureConfig:
     trace_max_probes: int = 48  # … or after this many products (cost cap; trace_se is logged)
     eigenvalue: bool = True
     eigen_samples: int = 128
-    eigen_iters: int = 15
+    eigen_iters: int = 15  # Lanczos iterations at most …
+    eigen_rel_tol: float = 1e-3  # … fewer once the top Ritz pair's residual ≤ this × λ (0: all)
     loss_bound: float | None = None
     every: int = 0  # also measure every N epochs (0: only at the end)
 
@@ -247,6 +248,8 @@ class MeasureConfig:
             raise ConfigError("measure.samples, eigen_samples, eigen_iters and trace_max_probes must be ≥ 1")
         if not 0 < self.trace_rel_tol < 1:
             raise ConfigError(f"measure.trace_rel_tol={self.trace_rel_tol} must be in (0, 1)")
+        if not 0 <= self.eigen_rel_tol < 1:
+            raise ConfigError(f"measure.eigen_rel_tol={self.eigen_rel_tol} must be in [0, 1) (0: all eigen_iters)")
         if self.loss_bound is not None and not self.loss_bound > 0:
             raise ConfigError(f"measure.loss_bound={self.loss_bound} must be > 0 (or null for auto)")
         if self.every < 0:

@@ -22,7 +22,7 @@ from trainables.hessian._derivatives import batch_hvp
 from trainables.hessian._model import Batch, BatchSource, LossFn, evaluation_mode, trainable_names
 from trainables.hessian.trace import default_generator
 
-__all__ = ["lanczos_tridiagonal", "top_eigenvalue"]
+__all__ = ["lanczos_tridiagonal", "top_eigenvalue", "top_eigenvalue_and_iterations"]
 
 
 class _MeanHessian:
@@ -49,10 +49,14 @@ class _MeanHessian:
         return total / count
 
 
-def lanczos_tridiagonal(matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int) -> Tensor:
+def lanczos_tridiagonal(matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int, *,
+                        rel_tol: float = 0.0) -> Tensor:
     """The k×k tridiagonal Lanczos matrix T_k (float64) of a symmetric ``matvec``, from ``start``.
 
-    k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0).
+    k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0) or, with
+    ``rel_tol`` > 0, once the top Ritz pair (θ, y) has converged: ‖H y − θ y‖ = β_{k+1}·|s_k|
+    (s the eigenvector of T_k, s_k its last entry) ≤ rel_tol·|θ|. Then some eigenvalue lies within
+    rel_tol·|θ| of θ, and θ's error is of order the residual squared over the spectral gap.
     """
     steps = min(iters, start.numel())
     basis = start.new_empty(steps, start.numel())  # filled row by row: no copy of the basis per step
@@ -69,29 +73,51 @@ def lanczos_tridiagonal(matvec: Callable[[Tensor], Tensor], start: Tensor, iters
             w = w - done.T @ (done @ w)
         beta = float(w.norm())
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
-        if beta <= 100 * torch.finfo(w.dtype).eps * scale:
+        if beta <= 100 * torch.finfo(w.dtype).eps * scale or (rel_tol > 0 and _converged(alphas, betas, beta, rel_tol)):
             break
         betas.append(beta)
         basis[step + 1] = w / beta
+    return _tridiagonal(alphas, betas)
+
+
+def _converged(alphas: list[float], betas: list[float], beta: float, rel_tol: float) -> bool:
+    """Whether T_k's top Ritz pair has residual β·|s_k| ≤ rel_tol·|θ| (k = len(alphas))."""
+    values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+    return beta * abs(float(vectors[-1, -1])) <= rel_tol * abs(float(values[-1]))
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
     off = torch.tensor(betas, dtype=torch.float64)
     return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
 
 
 def top_eigenvalue(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *, iters: int = 20,
-                   generator: torch.Generator | None = None, params: Sequence[str] | None = None) -> float:
+                   generator: torch.Generator | None = None, params: Sequence[str] | None = None,
+                   rel_tol: float = 0.0) -> float:
     """λ_max(H̄): largest algebraic eigenvalue of the Hessian of the mean loss over ``data``.
 
     ``iters`` Lanczos iterations (each one HVP pass over all of ``data``), started from a Gaussian
-    vector drawn from ``generator`` (default: seeded with 0). ``params``: parameter names spanning
-    the Hessian (default: all with ``requires_grad``). Eval mode; modes restored.
+    vector drawn from ``generator`` (default: seeded with 0); with ``rel_tol`` > 0, fewer once the
+    top Ritz pair's residual is ≤ rel_tol·|λ| (:func:`lanczos_tridiagonal`). ``params``: parameter
+    names spanning the Hessian (default: all with ``requires_grad``). Eval mode; modes restored.
     """
+    return top_eigenvalue_and_iterations(model, loss_fn, data, iters=iters, generator=generator, params=params,
+                                         rel_tol=rel_tol)[0]
+
+
+def top_eigenvalue_and_iterations(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *, iters: int = 20,
+                                  generator: torch.Generator | None = None, params: Sequence[str] | None = None,
+                                  rel_tol: float = 0.0) -> tuple[float, int]:
+    """(:func:`top_eigenvalue`, the Lanczos iterations it took: HVP passes over ``data``)."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters={iters!r} must be a positive int (15-30 is typical)")
+    if not 0 <= rel_tol < 1:
+        raise ValueError(f"rel_tol={rel_tol!r} must be in [0, 1) (0: always run all iters)")
     names = trainable_names(model, params)
     source = BatchSource.of(data, model, reiterable=True)
     rng = default_generator(generator)
     with evaluation_mode(model):
         operator = _MeanHessian(model, loss_fn, source, names)
         start = torch.randn(operator.size, generator=rng, device=rng.device, dtype=torch.float64)
-        tridiagonal = lanczos_tridiagonal(operator, start.to(operator.device, operator.dtype), iters)
-    return float(torch.linalg.eigvalsh(tridiagonal).max())
+        tridiagonal = lanczos_tridiagonal(operator, start.to(operator.device, operator.dtype), iters, rel_tol=rel_tol)
+    return float(torch.linalg.eigvalsh(tridiagonal).max()), tridiagonal.shape[0]
