@@ -128,3 +128,25 @@ def test_empty_class_is_rejected(capsys: pytest.CaptureFixture[str], tmp_path: P
 def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = run_cli(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
     assert code == 2 and "nope.yaml" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flag", "kind"), [("--gpus-per-trial", "GPU"), ("--cpus-per-trial", "CPU")])
+def test_a_trial_larger_than_the_ray_cluster_is_refused_not_left_waiting(flag: str, kind: str, tmp_path: Path) -> None:
+    """Real local Ray: Tune would queue such trials forever; the sweep names the shortfall instead."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuning.cli", "sweep", "--space", "smoke", "--pretrained", "none", flag, "4096",
+         "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and lines == [
+        next(line for line in lines if f"{flag} 4096 but the Ray cluster on this machine has" in line)
+    ], proc.stderr[-2000:]
+    assert f"{kind}(s): use" in lines[0] and not out.exists()

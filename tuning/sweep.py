@@ -171,6 +171,22 @@ def _init_ray(opts: SweepOptions) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
 
 
+def check_trial_resources(opts: SweepOptions) -> None:
+    """One trial must fit the Ray cluster's resources, or its trials would wait forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    where = f"at {opts.address}" if opts.address else "on this machine"
+    for flag, asked, kind in (("--gpus-per-trial", opts.gpus_per_trial, "GPU"),
+                              ("--cpus-per-trial", opts.cpus_per_trial, "CPU")):
+        has = float(total.get(kind, 0.0))
+        if asked > has:
+            fix = f"{flag} ≤ {has:g}"
+            if kind == "GPU":
+                fix = "--gpus-per-trial 0 (CPU) or a Ray cluster with GPUs (--address)" if has == 0 else fix
+            raise SweepError(f"{flag} {asked:g} but the Ray cluster {where} has {has:g} {kind}(s): use {fix}")
+
+
 def _searcher(space: SearchSpace, opts: SweepOptions, mode: str) -> Any:
     from tuning.search import FidelityAwareOptunaSearch
 
@@ -256,6 +272,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
 
         ensure_source_model(opts.base.model.name, opts.base.task.image_size, log=log)
     _init_ray(opts)
+    check_trial_resources(opts)
     if opts.address:
         from tuning.cluster import preflight
 
