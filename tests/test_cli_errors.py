@@ -20,6 +20,7 @@ BAD_SWEEPS = {
     "unknown scheduler": (["--scheduler", "pbt"], "pbt"),
     "negative retries": (["--max-failures", "-1"], "--max-failures"),
     "unknown resume name": (["--resume", "never-ran"], "never-ran"),
+    "cuda without a gpu per trial": (["--set", "device=cuda"], "--gpus-per-trial is 0"),
 }
 
 

@@ -106,6 +106,11 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
         raise SweepError(f"--trials {opts.trials} must be ≥ 1")
     if opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
         raise SweepError("--cpus-per-trial must be > 0 and --gpus-per-trial ≥ 0")
+    if str(opts.base.device).startswith("cuda") and opts.gpus_per_trial == 0:
+        raise SweepError(
+            f"device={opts.base.device!r} but --gpus-per-trial is 0, so Ray gives trials no GPU: pass "
+            "--gpus-per-trial 1 (or a fraction such as 0.5), or use device=auto"
+        )
     if opts.concurrency < 0:
         raise SweepError(f"--concurrency {opts.concurrency} must be ≥ 0 (0: as many as fit)")
     if opts.scheduler not in ("fifo", "asha"):
