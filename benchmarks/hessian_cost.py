@@ -76,19 +76,23 @@ def make_data(samples: int) -> tuple[Tensor, Tensor]:
 
 def make_reference(model: nn.Module) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(2)
-    return {name: p.detach() - 0.01 * torch.randn(p.shape, generator=generator)
+    return {name: p.detach() - 0.01 * torch.randn(p.shape, generator=generator).to(p.device)
             for name, p in model.named_parameters()}
 
 
-def interleaved_medians(tasks: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each task over ``repeats`` interleaved rounds, after one warm-up round."""
+def interleaved_medians(tasks: dict[str, Callable[[], object]], repeats: int,
+                        sync: Callable[[], object] = lambda: None) -> dict[str, float]:
+    """Median wall time of each task over ``repeats`` interleaved rounds, after one warm-up round
+    (``sync`` waits for queued device work, e.g. ``torch.cuda.synchronize``)."""
     for task in tasks.values():
         task()
     times: dict[str, list[float]] = {name: [] for name in tasks}
     for _ in range(repeats):
         for name, task in tasks.items():
+            sync()
             start = time.perf_counter()
             task()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -97,7 +101,7 @@ def hvp_tasks(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], 
     params = dict(model.named_parameters())
     leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     generator = torch.Generator().manual_seed(3)
-    vector = [torch.randn(p.shape, generator=generator) for p in params.values()]
+    vector = [torch.randn(p.shape, generator=generator).to(p.device) for p in params.values()]
 
     def gradient() -> object:
         loss = per_sample_cross_entropy(model(x), y).mean()
@@ -106,7 +110,7 @@ def hvp_tasks(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], 
     def hvp() -> object:
         return batch_hvp(model, per_sample_cross_entropy, leaves, vector, x, y)
 
-    round_vectors = [[torch.randn(p.shape, generator=generator) for p in params.values()]
+    round_vectors = [[torch.randn(p.shape, generator=generator).to(p.device) for p in params.values()]
                      for _ in range(PROBES_PER_BATCH)]
 
     def hvp_round() -> object:
