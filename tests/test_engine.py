@@ -343,3 +343,14 @@ def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) ->
                           transition=task.transition)
     assert exact["lambda_max_iters"] == 30
     assert out["lambda_max"] == pytest.approx(exact["lambda_max"], rel=1e-3)
+
+
+def test_the_final_epoch_records_which_validation_samples_the_model_gets_right(task: TaskData) -> None:
+    results = train_to_end(config(epochs=2), data=task, log=lambda _: None)
+    assert results[0].records == {} and task.val is not None
+    model = create_model(ModelConfig("test_resnet", "none"), K, image_size=16)
+    model.load_state_dict(results[-1].state()["model"])
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(results[-1].records["val_correct"]), dtype=np.uint8))
+    correct = (loop.predict(model, task.val.x).argmax(1) == task.val.labels).numpy()
+    np.testing.assert_array_equal(bits[: len(task.val)].astype(bool), correct)
+    assert correct.mean() == pytest.approx(results[-1].metrics["val_acc"])

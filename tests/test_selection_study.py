@@ -249,6 +249,29 @@ def test_noise_switch_bands_only_when_the_errors_are_uneven() -> None:
     assert list(criteria.pick("noise_switch", frame)) == []  # no recorded predictions: cannot pick
 
 
+@pytest.mark.skipif(not (ROOT / "results" / "study" / "trials.csv").is_file(), reason="no stored study results")
+def test_product_val_band_is_the_studys_paired_band_on_the_stored_searches() -> None:
+    """tuning.selection's val_band_bound (with per-sample correctness, as trials now report it)
+    makes the same band and pick as the study's criterion on real searches; without it, the
+    unpaired fallback differs somewhere, so this comparison can tell them apart."""
+    from tuning.selection import add_selection_metrics, select
+
+    trials = pd.read_csv(ROOT / "results" / "study" / "trials.csv", dtype={"val_correct": str, "val_pred": str})
+    tv = trials[(trials["arm"] == "tv") & trials["setting"].isin(["symmetric40", "pair40", "correlated40"])]
+    unpaired_differs = False
+    for _, search in tv.groupby("search"):
+        search = search.reset_index(drop=True)
+        product = add_selection_metrics(search)
+        assert product.attrs["val_band"] == "paired"
+        np.testing.assert_array_equal(np.isfinite(product["val_band_bound"]), criteria.val_band(search))
+        picked = select(product, "val_band_bound")
+        assert search.index[search["trial_id"] == picked][0] in criteria.pick("val_band_bound", search)
+        unpaired = add_selection_metrics(search.drop(columns=["val_correct"]))
+        assert unpaired.attrs["val_band"] == "unpaired"
+        unpaired_differs |= bool((np.isfinite(unpaired["val_band_bound"]) != criteria.val_band(search)).any())
+    assert unpaired_differs
+
+
 # --------------------------------------------------------------------------- published numbers
 
 

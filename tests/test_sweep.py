@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -113,12 +114,18 @@ def test_parent_statistics_match_the_children(sweep: dict[str, object]) -> None:
 
 
 def _val_band_bound_pick(children: pd.DataFrame) -> int:
-    """Index of the lowest bound among trials whose val_acc is within one binomial standard error
-    √(a(1 − a)/n_val) of the best a (docs/results.md), recomputed from the child runs."""
-    acc, n_val = children["metrics.val_acc"], children["metrics.xtra/n_val"]
-    assert (n_val > 0).all()
-    best = acc.max()
-    band = children[acc >= best - math.sqrt(best * (1 - best) / n_val.iloc[0]) - 1e-12]
+    """Index of the lowest bound among trials not significantly worse than the top val_acc trial
+    on the same validation samples (paired: losses − wins ≤ √(losses + wins), docs/results.md),
+    recomputed from the child runs' per-sample correctness tags."""
+    n_val = int(children["metrics.xtra/n_val"].iloc[0])
+    assert n_val > 0 and children["tags.hesstune.val_correct.0"].map(lambda t: len(t) * 4 >= n_val).all()
+    correct = np.array([[int(bit) for byte in bytes.fromhex(t) for bit in f"{byte:08b}"][:n_val]
+                        for t in children["tags.hesstune.val_correct.0"]], dtype=bool)
+    assert np.allclose(correct.mean(1), children["metrics.val_acc"])
+    top = children["metrics.val_acc"].to_numpy() == children["metrics.val_acc"].max()
+    ref = int(np.flatnonzero(top)[np.argmin(children["metrics.val_loss"].to_numpy()[top])])
+    wins, losses = (correct[ref] & ~correct).sum(1), (~correct[ref] & correct).sum(1)
+    band = children[(wins - losses) <= np.sqrt(wins + losses)]
     return int(band["metrics.bound"].idxmin())
 
 
@@ -133,6 +140,7 @@ def test_parent_artifacts(sweep: dict[str, object]) -> None:
 def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str, object]) -> None:
     stdout = str(sweep["stdout"])
     assert "Leaderboard by val_band_bound" in stdout and "Correlation with the true test gap" in stdout
+    assert "validation band from the trials' per-sample validation correctness (paired)" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert stdout.count("[") >= 4  # one progress line per trial
 

@@ -3,6 +3,8 @@ tracking-URI rules, config round trips through MLflow params."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 import torch
@@ -117,3 +119,19 @@ def test_report_says_why_correlations_are_nan_with_fewer_than_three_trials() -> 
     rows_after = text.split("Correlation with the true test gap")[1].splitlines()
     assert note not in text and next(r for r in rows_after if r.startswith("measure")).split()[1:] == [
         "1.000", "1.000", "0.961", "3"]  # gap = 0.2 + 10·measure²: monotone, not linear
+
+
+def test_long_texts_survive_mlflow_tags_in_chunks(tmp_path: Path) -> None:
+    import mlflow
+
+    from tuning.tracking import client, set_text_tags, text_from_tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mc = client(uri)
+    run_id = mc.create_run(mc.create_experiment("texts")).info.run_id
+    text = "0123456789abcdef" * 1100  # 17,600 characters: three tags
+    set_text_tags(mc, run_id, "val_correct", text)
+    mlflow.set_tracking_uri(uri)
+    (row,) = mlflow.search_runs(experiment_names=["texts"]).to_dict("records")
+    assert text_from_tags(row, "val_correct") == text and text_from_tags(row, "other") is None
+    assert len(row["tags.hesstune.val_correct.2"]) == 17600 - 2 * 8000

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.config import ConfigError, RunConfig
-from trainables.data import TaskData, load_task
+from trainables.data import Split, TaskData, load_task
 from trainables.models import create_model, head_name, layer_groups
 from trainables.noise import corrected_accuracy, noise_entropy
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
@@ -38,6 +38,7 @@ class EpochResult:
     metrics: dict[str, float]
     final: bool
     state: Callable[[], dict[str, Any]] = field(repr=False)
+    records: dict[str, str] = field(default_factory=dict)  # text results: ``val_correct`` at the end
 
 
 def resolve_device(name: str) -> torch.device:
@@ -343,7 +344,16 @@ def _run_epoch(run: _Run, epoch: int) -> EpochResult:
         # between milestones only M and B (what a scheduler ranks by); trace and λ_max at the end
         mcfg = cfg if final else cfg.replace(**{"measure.trace": False, "measure.eigenvalue": False})
         metrics.update(measure_model(run.model, run.ctx.reference, run.data, mcfg, transition=_transition(run)))
-    return EpochResult(epoch, metrics, final, lambda: _state(run, epoch))
+    val = run.data.val
+    records = {"val_correct": validation_correctness(run.model, val)} if final and val is not None else {}
+    return EpochResult(epoch, metrics, final, lambda: _state(run, epoch), records)
+
+
+def validation_correctness(model: nn.Module, val: Split) -> str:
+    """Which validation samples ``model`` gets right (noisy labels), as the hex of their packed
+    bits: what the paired validation band of ``val_band_bound`` compares trials on."""
+    correct = (predict(model, val.x).argmax(1) == val.labels).numpy()
+    return np.packbits(correct).tobytes().hex()
 
 
 def _transition(run: _Run) -> np.ndarray | None:

@@ -84,7 +84,7 @@ def _run(config: dict[str, Any], objective: str, gpu_fraction: float) -> None:
     where = _placement(gpu_fraction)
     resume = _load_checkpoint()
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):
-        metrics: dict[str, Any] = {**result.metrics, **where}
+        metrics: dict[str, Any] = {**result.metrics, **result.records, **where}
         metrics[OBJECTIVE_KEY] = float(metrics.get(objective, math.nan))
         metrics["final"] = 1.0 if result.final else 0.0
         with tempfile.TemporaryDirectory() as folder:

@@ -12,7 +12,7 @@ from typing import Any
 from ray.tune import Callback
 
 from tuning import selection
-from tuning.tracking import client, finish_orphans, log_metrics, open_child
+from tuning.tracking import client, finish_orphans, log_metrics, open_child, set_text_tags
 
 __all__ = ["ProgressCallback", "TrackingCallback"]
 
@@ -33,6 +33,10 @@ _RAY_KEYS = {
     "should_checkpoint",
     "config",
 }
+
+
+# Text a trial reports at its end, stored as tags (tuning.tracking.set_text_tags).
+TEXT_RESULTS = ("val_correct",)
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -84,8 +88,11 @@ class TrackingCallback(Callback):
             if isinstance(result.get(key), str) and metrics.get("epoch") == 1:
                 self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
         if metrics.get("final"):
+            texts = {k: result[k] for k in TEXT_RESULTS if isinstance(result.get(k), str)}
+            for key, text in texts.items():  # before the final tag, so a final trial always has them
+                set_text_tags(self.mc, run_id, key, text)
             self.mc.set_tag(run_id, "hesstune.final", "1")
-            self._finished()[trial.trial_id] = {"trial_id": trial.trial_id, **metrics}
+            self._finished()[trial.trial_id] = {"trial_id": trial.trial_id, **metrics, **texts}
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         run_id = self._child(trial)

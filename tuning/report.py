@@ -11,7 +11,7 @@ import yaml
 
 from trainables.config import RunConfig
 from tuning import selection
-from tuning.tracking import TRIAL_TAG, child_runs, metric_name
+from tuning.tracking import TRIAL_TAG, child_runs, metric_name, text_from_tags
 
 __all__ = ["config_from_params", "export_configs", "finished_trials", "format_report", "write_artifacts"]
 
@@ -43,6 +43,8 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
     table = runs[list(metrics)].rename(columns=metrics).reset_index(drop=True)
     table.insert(0, "trial_id", runs[f"tags.{TRIAL_TAG}"].to_numpy())
     table.insert(1, "run_id", runs["run_id"].to_numpy())
+    records = runs.to_dict("records")
+    table["val_correct"] = [text_from_tags(row, "val_correct") for row in records]  # val_band_bound's pairing
     param_cols = [c for c in runs.columns if c.startswith("params.")]
     table["params"] = [
         {c.removeprefix("params."): v for c, v in row.items() if isinstance(v, str)}
@@ -59,9 +61,13 @@ CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
 def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     """The leaderboard and the correlation table as text."""
     board = selection.leaderboard(table, criterion).head(top)
+    band = {"paired": "the trials' per-sample validation correctness (paired)",
+            "unpaired": "val_acc alone (unpaired: these trials did not report per-sample correctness)"}
     lines = [
         f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation)",
         f"  {criterion}: {selection.get_criterion(criterion).description}",
+        *([f"  validation band from {band[table.attrs['val_band']]}"]
+          if criterion == "val_band_bound" and table.attrs.get("val_band") in band else []),
         board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]

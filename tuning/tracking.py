@@ -25,6 +25,8 @@ __all__ = [
     "log_metrics",
     "metric_name",
     "mlflow_key",
+    "set_text_tags",
+    "text_from_tags",
     "validate_tracking_uri",
 ]
 
@@ -113,6 +115,25 @@ def ensure_parent_run(uri: str, sweep: str, *, tags: Mapping[str, str], params: 
     run = mc.create_run(exp_id, run_name=sweep, tags={**tags, SWEEP_TAG: sweep, "hesstune.role": "parent"})
     _log_params(mc, run.info.run_id, params)
     return exp_id, run.info.run_id
+
+
+TEXT_TAG_CHARS = 8000  # MLflow's longest tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
+
+
+def set_text_tags(mc: Any, run_id: str, name: str, text: str) -> None:
+    """A long text as tags ``hesstune.<name>.0``, ``.1``, … of ≤ 8000 characters (MLflow truncates
+    longer tag values); :func:`text_from_tags` joins them back."""
+    from mlflow.entities import RunTag
+
+    chunks = [text[i : i + TEXT_TAG_CHARS] for i in range(0, len(text), TEXT_TAG_CHARS)] or [""]
+    _retry(mc.log_batch, run_id, tags=[RunTag(f"hesstune.{name}.{i}", c) for i, c in enumerate(chunks)])
+
+
+def text_from_tags(row: Mapping[str, Any], name: str) -> str | None:
+    """The text :func:`set_text_tags` stored, from a ``search_runs`` row (``tags.*`` keys); None if absent."""
+    prefix = f"tags.hesstune.{name}."
+    parts = {int(k[len(prefix):]): v for k, v in row.items() if k.startswith(prefix) and isinstance(v, str)}
+    return "".join(parts[i] for i in range(len(parts))) if parts and set(parts) == set(range(len(parts))) else None
 
 
 def _log_params(mc: Any, run_id: str, params: Mapping[str, Any]) -> None:
