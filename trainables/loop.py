@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.config import ConfigError, RunConfig
-from trainables.data import Split, TaskData, load_task
+from trainables.data import TaskData, load_task
 from trainables.models import create_model, head_name, layer_groups
 from trainables.noise import corrected_accuracy, noise_entropy
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
@@ -78,10 +78,10 @@ class _Run:
 
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params: list[Any] = [p for _, p in named]
     if o.head_lr_mult != 1:  # two parameter groups: the body at lr, the head (weights and bias) faster
         head = head_name(model) + "."
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [
             {"params": [p for n, p in named if not n.startswith(head)]},
             {"params": [p for n, p in named if n.startswith(head)], "lr": o.lr * o.head_lr_mult},
@@ -240,8 +240,10 @@ def _distances(run: _Run) -> dict[str, float]:
     return out
 
 
-def evaluate(run: _Run) -> dict[str, float]:
-    """Eval-mode losses/accuracies; ``gap`` uses the same loss and label distribution as training."""
+def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, float]:
+    """Eval-mode losses/accuracies; ``gap`` uses the same loss and label distribution as training.
+    With ``records``, also which validation samples the model gets right (``val_correct``: the hex
+    of the packed bits, what the paired validation band of ``val_band_bound`` compares trials on)."""
     data, model = run.data, run.model
     train_logits = predict(model, data.train.x)
     m: dict[str, float] = {}
@@ -260,6 +262,8 @@ def evaluate(run: _Run) -> dict[str, float]:
             m["val_acc_corr"] = corrected_accuracy(
                 val_logits.argmax(1).numpy(), data.val.labels.numpy(), data.transition
             )
+        if records is not None:
+            records["val_correct"] = np.packbits((val_logits.argmax(1) == data.val.labels).numpy()).tobytes().hex()
     if data.transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics)
         m["noise_entropy"] = noise_entropy(data.transition)
     test_logits = predict(model, data.test.x)
@@ -325,6 +329,8 @@ def _run_epoch(run: _Run, epoch: int) -> EpochResult:
     train_objective = _train_epoch(run, epoch)
     seconds = time.perf_counter() - tic
     steps = max(run.steps - steps_before, 1)
+    final = epoch == cfg.epochs
+    records: dict[str, str] = {}
     metrics = {
         "epoch": float(epoch),
         "train_objective": train_objective,
@@ -332,28 +338,18 @@ def _run_epoch(run: _Run, epoch: int) -> EpochResult:
         "forward_passes_per_step": run.passes[0] / steps,
         "backward_passes_per_step": run.passes[1] / steps,
         "lr": float(run.optimizer.param_groups[0]["lr"]),
-        **evaluate(run),
+        **evaluate(run, records if final else None),
         **_distances(run),
     }
     for reg in run.regs:
         metrics.update(reg.end_epoch(epoch))
-    final = epoch == cfg.epochs
     if cfg.measure.enabled and (final or (cfg.measure.every and epoch % cfg.measure.every == 0)):
         from trainables.measures import measure_model
 
         # between milestones only M and B (what a scheduler ranks by); trace and λ_max at the end
         mcfg = cfg if final else cfg.replace(**{"measure.trace": False, "measure.eigenvalue": False})
         metrics.update(measure_model(run.model, run.ctx.reference, run.data, mcfg, transition=_transition(run)))
-    val = run.data.val
-    records = {"val_correct": validation_correctness(run.model, val)} if final and val is not None else {}
     return EpochResult(epoch, metrics, final, lambda: _state(run, epoch), records)
-
-
-def validation_correctness(model: nn.Module, val: Split) -> str:
-    """Which validation samples ``model`` gets right (noisy labels), as the hex of their packed
-    bits: what the paired validation band of ``val_band_bound`` compares trials on."""
-    correct = (predict(model, val.x).argmax(1) == val.labels).numpy()
-    return np.packbits(correct).tobytes().hex()
 
 
 def _transition(run: _Run) -> np.ndarray | None:

@@ -83,7 +83,7 @@ class _Convolution(torch.autograd.Function):
                                                           need_input, need_weight)
         if need_bias:
             grad_bias = grad_out.sum([d for d in range(grad_out.dim()) if d != 1])
-        return grad_input if need_input else None, grad_weight if need_weight else None, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None  # the mask left unneeded gradients None
 
 
 class _ConvolutionGradients(torch.autograd.Function):
