@@ -162,7 +162,6 @@ for _builtin in (
         "max",
         "highest noisy-validation accuracy; ties broken by lower val_loss, then lower bound",
         tie_breakers=(("val_loss", "min"), ("bound", "min")),
-        needs="trials whose task knows the noise matrix F (injected noise, --noise) and has a validation split",
     ),
     Criterion("val_loss", "val_loss", "min", "lowest noisy-validation loss"),
     Criterion(
