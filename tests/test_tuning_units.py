@@ -135,3 +135,22 @@ def test_long_texts_survive_mlflow_tags_in_chunks(tmp_path: Path) -> None:
     (row,) = mlflow.search_runs(experiment_names=["texts"]).to_dict("records")
     assert text_from_tags(row, "val_correct") == text and text_from_tags(row, "other") is None
     assert len(row["tags.hesstune.val_correct.2"]) == 17600 - 2 * 8000
+
+
+def test_a_trial_larger_than_the_cluster_is_an_error_locally_and_a_warning_on_a_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    from tuning.sweep import SweepError, SweepOptions, check_trial_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    local = SweepOptions("s", "smoke", RunConfig(), gpus_per_trial=0.5)
+    with pytest.raises(SweepError, match=r"--gpus-per-trial 0\.5 but the Ray cluster on this machine has 0 GPU"):
+        check_trial_resources(local)
+    lines: list[str] = []
+    check_trial_resources(SweepOptions("s", "smoke", RunConfig(), cpus_per_trial=4, address="head:6379"), lines.append)
+    assert lines == ["warning: --cpus-per-trial 4 but the Ray cluster at head:6379 has 2 CPU(s) now: trials wait "
+                     "until its autoscaler adds them (else use --cpus-per-trial ≤ 2)"]
+    check_trial_resources(SweepOptions("s", "smoke", RunConfig(), cpus_per_trial=2), lines.append)  # fits
+    assert len(lines) == 1

@@ -176,8 +176,10 @@ def _init_ray(opts: SweepOptions) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
 
 
-def check_trial_resources(opts: SweepOptions) -> None:
-    """One trial must fit the Ray cluster's resources, or its trials would wait forever."""
+def check_trial_resources(opts: SweepOptions, log: Callable[[str], None] = print) -> None:
+    """One trial must fit the Ray cluster's resources, or its trials wait forever. On this machine
+    that is an error; a cluster (``--address``) may grow through its autoscaler, so there it is a
+    warning."""
     import ray
 
     total = ray.cluster_resources()
@@ -189,7 +191,10 @@ def check_trial_resources(opts: SweepOptions) -> None:
             fix = f"{flag} ≤ {has:g}"
             if kind == "GPU":
                 fix = "--gpus-per-trial 0 (CPU) or a Ray cluster with GPUs (--address)" if has == 0 else fix
-            raise SweepError(f"{flag} {asked:g} but the Ray cluster {where} has {has:g} {kind}(s): use {fix}")
+            message = f"{flag} {asked:g} but the Ray cluster {where} has {has:g} {kind}(s)"
+            if not opts.address:
+                raise SweepError(f"{message}: use {fix}")
+            log(f"warning: {message} now: trials wait until its autoscaler adds them (else use {fix})")
 
 
 def _searcher(space: SearchSpace, opts: SweepOptions, mode: str) -> Any:
@@ -277,7 +282,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
 
         ensure_source_model(opts.base.model.name, opts.base.task.image_size, log=log)
     _init_ray(opts)
-    check_trial_resources(opts)
+    check_trial_resources(opts, log)
     if opts.address:
         from tuning.cluster import preflight
 
