@@ -565,7 +565,7 @@ def noise_constants(kind: str, rate: float, num_classes: int) -> tuple[float, fl
     raise ValueError(f"noise kind {kind!r} has no closed-form F: pass noise_entropy measured from F")
 
 
-def _paired_band(frame: pd.DataFrame, n_val: np.ndarray, z: float) -> np.ndarray | None:
+def paired_validation_band(frame: pd.DataFrame, n_val: np.ndarray, z: float = 1.0) -> np.ndarray | None:
     """Trials not significantly worse than the top one on the same validation samples (McNemar),
     or None when some trial with a val_acc lacks its per-sample correctness ``val_correct``."""
     acc = frame["val_acc"].to_numpy(float)
@@ -625,7 +625,7 @@ def add_selection_metrics(
         size = n_val if n_val is not None else (frame["n_val"].to_numpy(float) if "n_val" in frame else None)
         if size is None:
             raise ValueError("val_band_bound needs the validation size: pass n_val or add a 'n_val' column")
-        paired = _paired_band(frame, np.asarray(size, dtype=float), band_z)
+        paired = paired_validation_band(frame, np.asarray(size, dtype=float), band_z)
         frame.attrs["val_band"] = "unpaired" if paired is None else "paired"
         if paired is None:
             best = float(np.nanmax(acc))

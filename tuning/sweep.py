@@ -188,9 +188,8 @@ def check_trial_resources(opts: SweepOptions, log: Callable[[str], None] = print
                               ("--cpus-per-trial", opts.cpus_per_trial, "CPU")):
         has = float(total.get(kind, 0.0))
         if asked > has:
-            fix = f"{flag} ≤ {has:g}"
-            if kind == "GPU":
-                fix = "--gpus-per-trial 0 (CPU) or a Ray cluster with GPUs (--address)" if has == 0 else fix
+            no_gpu = kind == "GPU" and has == 0
+            fix = "--gpus-per-trial 0 (CPU) or a Ray cluster with GPUs (--address)" if no_gpu else f"{flag} ≤ {has:g}"
             message = f"{flag} {asked:g} but the Ray cluster {where} has {has:g} {kind}(s)"
             if not opts.address:
                 raise SweepError(f"{message}: use {fix}")

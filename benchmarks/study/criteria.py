@@ -147,19 +147,15 @@ def _val_top(frame: pd.DataFrame) -> np.ndarray:
     return np.flatnonzero(acc == np.nanmax(acc))
 
 
-def _bits(hex_string: str, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(bytes.fromhex(hex_string), dtype=np.uint8))[:n].astype(bool)
-
-
 def val_band(frame: pd.DataFrame, z: float = BAND_Z) -> np.ndarray:
-    """Candidates not significantly worse than the top noisy-val candidate (paired, McNemar)."""
-    n_val = int(frame["n_val"].iloc[0])
-    correct = np.stack([_bits(h, n_val) for h in frame["val_correct"]])
-    top = _val_top(frame)
-    ref = top[np.argmin(frame["val_loss"].to_numpy(float)[top])]  # the top candidate (lowest val loss among ties)
-    wins = (correct[ref] & ~correct).sum(1)  # reference right, candidate wrong
-    losses = (~correct[ref] & correct).sum(1)
-    return (wins - losses) <= z * np.sqrt(wins + losses)
+    """Candidates not significantly worse than the top noisy-val candidate (paired, McNemar): the
+    product's band (:func:`tuning.selection.paired_validation_band`), so study and product agree."""
+    from tuning.selection import paired_validation_band
+
+    band = paired_validation_band(frame, frame["n_val"].to_numpy(float), z)
+    if band is None:
+        raise ValueError("a candidate of this search lacks its per-sample validation correctness (val_correct)")
+    return band
 
 
 def corrected_band(frame: pd.DataFrame, z: float = BAND_Z) -> np.ndarray:
