@@ -137,6 +137,39 @@ def test_long_texts_survive_mlflow_tags_in_chunks(tmp_path: Path) -> None:
     assert len(row["tags.hesstune.val_correct.2"]) == 17600 - 2 * 8000
 
 
+def test_epochs_replayed_after_a_driver_restore_are_logged_once(tmp_path: Path) -> None:
+    """Tune saves its experiment state (and this pickled callback) only now and then: a driver
+    killed after logging an epoch restores the trial from an older checkpoint, which reports
+    that epoch again. The store must hold each epoch once and name the replayed ones."""
+    import pickle
+    from types import SimpleNamespace
+
+    from tuning.callbacks import TrackingCallback
+    from tuning.tracking import client, ensure_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent_id = ensure_parent_run(uri, "replay", tags={}, params={})
+    trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 0.01}, last_result={})
+
+    def result(epoch: int, loss: float) -> dict[str, float]:
+        return {"epoch": epoch, "train_loss": loss, "final": 0.0, "training_iteration": epoch}
+
+    first = TrackingCallback(uri, exp_id, parent_id, sweep="replay")
+    first.on_trial_start(0, [trial], trial)
+    saved = pickle.dumps(first)  # the experiment state as Tune last saved it: before any epoch
+    first.on_trial_result(0, [trial], trial, result(1, 0.9))
+    first.on_trial_result(0, [trial], trial, result(2, 0.5))  # then SIGKILL
+
+    second = pickle.loads(saved)  # the resumed driver; the trial restarts from scratch
+    for epoch, loss in [(1, 0.9), (2, 0.5), (3, 0.3)]:
+        second.on_trial_result(0, [trial], trial, result(epoch, loss))
+    mc = client(uri)
+    run_id = first.children["t1"]
+    history = [(m.step, m.value) for m in mc.get_metric_history(run_id, "train_loss")]
+    assert sorted(history) == [(1, 0.9), (2, 0.5), (3, 0.3)]
+    assert mc.get_run(run_id).data.tags["hesstune.replayed_epochs"] == "1,2"
+
+
 def test_a_trial_larger_than_the_cluster_is_an_error_locally_and_a_warning_on_a_cluster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from ray.tune import Callback
 
 from tuning import selection
-from tuning.tracking import client, finish_orphans, log_metrics, open_child, set_text_tags
+from tuning.tracking import client, finish_orphans, log_metrics, logged_epochs, open_child, set_text_tags
 
 __all__ = ["ProgressCallback", "TrackingCallback"]
 
@@ -47,6 +47,10 @@ class TrackingCallback(Callback):
     """One MLflow child run per trial under the sweep's parent run; live sweep statistics.
 
     Child runs are found by their trial-id tag, so a restored or retried trial reopens its run.
+    A driver killed between logging an epoch and saving Tune's experiment state restores the
+    trial from an older checkpoint, and the trial reports those epochs again: they are logged
+    once, with their first values (a replay with the same seeds recomputes the same numbers),
+    and the run's tag ``hesstune.replayed_epochs`` says which epochs were re-run.
     After each finished trial the parent run gets the correlation and regret statistics of
     :func:`tuning.selection.summary` over all finished trials (step = number finished).
     """
@@ -55,11 +59,12 @@ class TrackingCallback(Callback):
         self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
         self.sweep = sweep
         self.children: dict[str, str] = {}
+        self.logged: dict[str, int] = {}  # trial id -> last epoch in its MLflow run
         self._client: Any = None
         self._finals: dict[str, dict[str, float]] | None = None  # final metrics of finished trials
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_finals": None}
+        return {**self.__dict__, "_client": None, "_finals": None, "logged": {}}
 
     @property
     def mc(self) -> Any:
@@ -73,6 +78,8 @@ class TrackingCallback(Callback):
             self.children[trial.trial_id] = open_child(
                 self.mc, self.exp_id, self.parent_id, trial.trial_id, f"{self.sweep}-{trial.trial_id}", params
             )
+        if trial.trial_id not in self.logged:  # once per driver process: the store knows, a pickle may be stale
+            self.logged[trial.trial_id] = logged_epochs(self.mc, self.children[trial.trial_id])
         return self.children[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -83,7 +90,12 @@ class TrackingCallback(Callback):
     ) -> None:
         metrics = _metrics(result)
         run_id = self._child(trial)
-        log_metrics(self.mc, run_id, metrics, step=int(metrics.get("epoch", 0)), trial=True)
+        epoch = int(metrics.get("epoch", 0))
+        if epoch > self.logged[trial.trial_id]:
+            log_metrics(self.mc, run_id, metrics, step=epoch, trial=True)
+            self.logged[trial.trial_id] = epoch
+        else:
+            self._replayed(run_id, epoch)
         for key in ("node_id", "gpu_ids"):
             if isinstance(result.get(key), str) and metrics.get("epoch") == 1:
                 self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
@@ -93,6 +105,12 @@ class TrackingCallback(Callback):
                 set_text_tags(self.mc, run_id, key, text)
             self.mc.set_tag(run_id, "hesstune.final", "1")
             self._finished()[trial.trial_id] = {"trial_id": trial.trial_id, **metrics, **texts}
+
+    def _replayed(self, run_id: str, epoch: int) -> None:
+        tags = self.mc.get_run(run_id).data.tags
+        epochs = [int(e) for e in tags.get("hesstune.replayed_epochs", "").split(",") if e]
+        if epoch not in epochs:
+            self.mc.set_tag(run_id, "hesstune.replayed_epochs", ",".join(map(str, sorted([*epochs, epoch]))))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         run_id = self._child(trial)

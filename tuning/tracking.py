@@ -193,6 +193,12 @@ def open_child(mc: Any, exp_id: str, parent_id: str, trial_id: str, name: str, p
     return str(run.info.run_id)
 
 
+def logged_epochs(mc: Any, run_id: str) -> int:
+    """The last epoch a trial's run has logged (0 for none)."""
+    value = _retry(mc.get_run, run_id).data.metrics.get(mlflow_key("epoch"))
+    return int(value) if value is not None else 0
+
+
 def child_runs(uri: str, exp_id: str, parent_id: str) -> Any:
     """All child runs of a sweep as a pandas DataFrame (``metrics.*``, ``params.*``, ``tags.*``)."""
     import mlflow
