@@ -249,6 +249,42 @@ def test_noise_switch_bands_only_when_the_errors_are_uneven() -> None:
     assert list(criteria.pick("noise_switch", frame)) == []  # no recorded predictions: cannot pick
 
 
+def _eb_search(true_acc: np.ndarray, n_val: int, features: np.ndarray, seed: int = 0) -> pd.DataFrame:
+    """Candidates right on each validation sample with their true accuracy (independently)."""
+    rng = np.random.default_rng(seed)
+    correct = rng.random((len(true_acc), n_val)) < true_acc[:, None]
+    return pd.DataFrame(
+        {
+            "n_val": n_val,
+            "val_acc": correct.mean(1),
+            "val_correct": [_bits(list(c)) for c in correct],
+            "train_acc": features[:, 0],
+            "measure": features[:, 1],
+        }
+    )
+
+
+def test_empirical_bayes_val_keeps_validation_when_the_features_say_nothing() -> None:
+    rng = np.random.default_rng(1)
+    true_acc = np.linspace(0.5, 0.9, 30)
+    frame = _eb_search(true_acc, 4000, rng.normal(size=(30, 2)))
+    posterior = criteria.empirical_bayes_val(frame)
+    assert np.argmax(posterior) == np.argmax(frame["val_acc"])
+    assert np.abs(posterior - frame["val_acc"]).max() < 0.01  # barely shrunk: τ ≫ the sampling error
+
+
+def test_empirical_bayes_val_leans_on_features_that_explain_the_accuracies() -> None:
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(40, 2))
+    true_acc = 0.7 + 0.05 * features[:, 0] - 0.04 * features[:, 1]  # exactly linear in the features
+    frame = _eb_search(true_acc, 200, features)  # 200 validation samples: a 3-point standard error
+    posterior = criteria.empirical_bayes_val(frame)
+    error = np.abs(posterior - true_acc).mean()
+    assert error < 0.5 * np.abs(frame["val_acc"] - true_acc).mean()
+    with pytest.raises(ValueError, match="val_correct"):
+        criteria.empirical_bayes_val(frame.drop(columns="val_correct"))
+
+
 @pytest.mark.skipif(not (ROOT / "results" / "study" / "trials.csv").is_file(), reason="no stored study results")
 def test_product_val_band_is_the_studys_paired_band_on_the_stored_searches() -> None:
     """tuning.selection's val_band_bound (with per-sample correctness, as trials now report it)

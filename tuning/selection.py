@@ -62,6 +62,7 @@ __all__ = [
     "select",
     "spearman_rho",
     "summary",
+    "validation_correctness",
 ]
 
 Direction: TypeAlias = Literal["min", "max"]
@@ -565,19 +566,31 @@ def noise_constants(kind: str, rate: float, num_classes: int) -> tuple[float, fl
     raise ValueError(f"noise kind {kind!r} has no closed-form F: pass noise_entropy measured from F")
 
 
-def paired_validation_band(frame: pd.DataFrame, n_val: np.ndarray, z: float = 1.0) -> np.ndarray | None:
-    """Trials not significantly worse than the top one on the same validation samples (McNemar),
-    or None when some trial with a val_acc lacks its per-sample correctness ``val_correct``."""
+def validation_correctness(frame: pd.DataFrame, n_val: np.ndarray | float) -> np.ndarray | None:
+    """[trials, n_val] booleans: which validation samples each trial got right, decoded from its
+    ``val_correct`` hex text (rows of trials without a val_acc stay False), or None when some
+    trial with a val_acc lacks that text."""
     acc = frame["val_acc"].to_numpy(float)
     scored = np.isfinite(acc)
     texts = frame["val_correct"].to_numpy(object) if "val_correct" in frame else np.full(len(frame), None)
     sizes = np.broadcast_to(n_val, acc.shape)
     if not all(isinstance(t, str) and len(t) * 4 >= sizes[i] > 0 for i, t in enumerate(texts) if scored[i]):
         return None
-    n = int(sizes[scored][0])
+    n = int(sizes[scored][0]) if scored.any() else 0
     correct = np.zeros((len(frame), n), dtype=bool)
     for i in np.flatnonzero(scored):
         correct[i] = np.unpackbits(np.frombuffer(bytes.fromhex(texts[i]), dtype=np.uint8))[:n].astype(bool)
+    return correct
+
+
+def paired_validation_band(frame: pd.DataFrame, n_val: np.ndarray, z: float = 1.0) -> np.ndarray | None:
+    """Trials not significantly worse than the top one on the same validation samples (McNemar),
+    or None when some trial with a val_acc lacks its per-sample correctness ``val_correct``."""
+    correct = validation_correctness(frame, n_val)
+    if correct is None:
+        return None
+    acc = frame["val_acc"].to_numpy(float)
+    scored = np.isfinite(acc)
     top = np.flatnonzero(acc == np.nanmax(acc))
     ref = top[np.argmin(frame["val_loss"].to_numpy(float)[top])] if len(top) > 1 else top[0]
     wins = (correct[ref] & ~correct).sum(1)  # the top trial right, this one wrong

@@ -698,6 +698,7 @@ ORDER = [
     "val_band_bound_tuned",
     "noise_switch",
     "val_acc_corr_vote",
+    "val_acc_eb",
     "val_bound_loss",
     "bound",
     "bound_floor",

@@ -58,6 +58,14 @@ Why each candidate (the theory in one or two lines; docs/results.md has the numb
   test whether the top candidate's disagreements with the noisy labels are spread evenly over the
   other classes (χ², α = 0.01 a priori) and use ``val_band_bound`` only when they are not,
   ``val_acc`` otherwise (``noise_switch``).
+- ``val_acc_eb`` (new, session 4, specified before it was scored): empirical-Bayes shrinkage.
+  Noisy-validation accuracy is unbiased but noisy; the Hessian features predict part of it, so
+  estimate each candidate's population validation accuracy μ from both. Model: observed
+  accuracies y = μ + e with e ~ N(0, S), S the paired sampling covariance of the candidates'
+  per-sample correctness over the shared validation samples; μ = Xβ + u with u ~ N(0, τ²I) and
+  X = [1, train accuracy, M] standardised. β is the GLS fit and τ maximises the marginal
+  likelihood (a grid); pick the highest posterior mean Xβ + τ²(τ²I + S)⁻¹(y − Xβ). Where the
+  features predict well it trusts them, where they do not it falls back to y.
 
 Baselines: ``val_acc`` (noisy-validation accuracy, the reference), ``val_loss``, ``val_bound_loss``
 (B's own loss on the noisy validation labels: a held-out estimate of what B bounds),
@@ -89,6 +97,7 @@ __all__ = [
     "bound_floor",
     "consensus_transition",
     "delivered",
+    "empirical_bayes_val",
     "guard_excess",
     "pick",
     "structure_p_value",
@@ -226,6 +235,33 @@ def _noise_switch(frame: pd.DataFrame) -> np.ndarray:
     return _band_pick(frame, _col(frame, "bound"), BAND_Z) if p < STRUCTURE_ALPHA else _val_top(frame)
 
 
+EB_TAUS = tuple(float(t) for t in np.geomspace(1e-3, 0.3, 40))  # a-priori grid for val_acc_eb's τ
+
+
+def empirical_bayes_val(frame: pd.DataFrame, features: tuple[str, ...] = ("train_acc", "measure")) -> np.ndarray:
+    """val_acc_eb's posterior means of the candidates' population validation accuracy (see the
+    module docstring)."""
+    from tuning.selection import validation_correctness
+
+    correct = validation_correctness(frame, frame["n_val"].to_numpy(float))
+    if correct is None:
+        raise ValueError("a candidate of this search lacks its per-sample validation correctness (val_correct)")
+    correct = correct.astype(float)
+    y = correct.mean(1)
+    noise = np.cov(correct) / correct.shape[1] + 1e-9 * np.eye(len(y))
+    z = np.column_stack([_col(frame, f) for f in features])
+    x = np.column_stack([np.ones(len(y)), (z - z.mean(0)) / (z.std(0) + 1e-12)])
+    best = -math.inf, y
+    for tau in EB_TAUS:
+        inv = np.linalg.inv(tau**2 * np.eye(len(y)) + noise)
+        beta = np.linalg.solve(x.T @ inv @ x, x.T @ inv @ y)
+        resid = y - x @ beta
+        loglik = 0.5 * (np.linalg.slogdet(inv)[1] - resid @ inv @ resid)  # log N(y; xβ, V), V = inv⁻¹
+        if loglik > best[0]:
+            best = loglik, x @ beta + tau**2 * inv @ resid
+    return best[1]
+
+
 def binomial_band(frame: pd.DataFrame, z: float = BAND_Z) -> np.ndarray:
     """Unpaired version (what a sweep can compute from reported val_acc alone): val_acc within
     z binomial standard errors √(a(1−a)/n_val) of the best a."""
@@ -345,6 +381,11 @@ CRITERIA: dict[str, tuple[Spec, _Picker]] = {
         Spec("noise_switch", True, True, "val_band_bound if the top candidate's errors are uneven (χ², p < 0.01), "
              "else val_acc"),
         lambda f, _: _noise_switch(f),
+    ),
+    "val_acc_eb": (
+        Spec("val_acc_eb", True, True, "max empirical-Bayes val accuracy: val_acc shrunk toward a GLS fit on "
+             "train accuracy and M"),
+        lambda f, _: _argmin(-empirical_bayes_val(f)),
     ),
 }
 REFERENCES: dict[str, tuple[Spec, _Picker]] = {
