@@ -170,6 +170,30 @@ def test_epochs_replayed_after_a_driver_restore_are_logged_once(tmp_path: Path) 
     assert mc.get_run(run_id).data.tags["hesstune.replayed_epochs"] == "1,2"
 
 
+def test_a_trial_started_after_tunes_last_save_is_ended_as_lost_on_resume(tmp_path: Path) -> None:
+    """Tune restores only the trials in its last saved state; the run of one that started later
+    would stay RUNNING, then look like a killed trial of this sweep. It is ended, and says why."""
+    import pickle
+    from types import SimpleNamespace
+
+    from tuning.callbacks import TrackingCallback
+    from tuning.tracking import client, ensure_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent_id = ensure_parent_run(uri, "lost", tags={}, params={})
+    saved, lost = (SimpleNamespace(trial_id=t, config={}, last_result={}) for t in ("t1", "t2"))
+    first = TrackingCallback(uri, exp_id, parent_id, sweep="lost")
+    first.on_step_begin(0, [])
+    for trial in (saved, lost):
+        first.on_trial_start(0, [saved, lost], trial)
+    second = pickle.loads(pickle.dumps(first))  # the resumed driver: Tune restored t1 only
+    second.on_step_begin(0, [saved])
+    mc = client(uri)
+    runs = {t: mc.get_run(first.children[t]) for t in ("t1", "t2")}
+    assert runs["t2"].info.status == "KILLED" and "driver died" in runs["t2"].data.tags["hesstune.lost"]
+    assert runs["t1"].info.status == "RUNNING" and "hesstune.lost" not in runs["t1"].data.tags
+
+
 def test_a_trial_larger_than_the_cluster_is_an_error_locally_and_a_warning_on_a_cluster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,7 +12,15 @@ from typing import Any
 from ray.tune import Callback
 
 from tuning import selection
-from tuning.tracking import client, finish_orphans, log_metrics, logged_epochs, open_child, set_text_tags
+from tuning.tracking import (
+    client,
+    end_lost_trials,
+    finish_orphans,
+    log_metrics,
+    logged_epochs,
+    open_child,
+    set_text_tags,
+)
 
 __all__ = ["ProgressCallback", "TrackingCallback"]
 
@@ -50,7 +58,9 @@ class TrackingCallback(Callback):
     A driver killed between logging an epoch and saving Tune's experiment state restores the
     trial from an older checkpoint, and the trial reports those epochs again: they are logged
     once, with their first values (a replay with the same seeds recomputes the same numbers),
-    and the run's tag ``hesstune.replayed_epochs`` says which epochs were re-run.
+    and the run's tag ``hesstune.replayed_epochs`` says which epochs were re-run. A trial that
+    started after the last save is unknown to the restored sweep: its run ends KILLED with the
+    tag ``hesstune.lost``, and the searcher proposes another trial in its place.
     After each finished trial the parent run gets the correlation and regret statistics of
     :func:`tuning.selection.summary` over all finished trials (step = number finished).
     """
@@ -62,9 +72,10 @@ class TrackingCallback(Callback):
         self.logged: dict[str, int] = {}  # trial id -> last epoch in its MLflow run
         self._client: Any = None
         self._finals: dict[str, dict[str, float]] | None = None  # final metrics of finished trials
+        self._checked_lost = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_finals": None, "logged": {}}
+        return {**self.__dict__, "_client": None, "_finals": None, "logged": {}, "_checked_lost": False}
 
     @property
     def mc(self) -> Any:
@@ -81,6 +92,11 @@ class TrackingCallback(Callback):
         if trial.trial_id not in self.logged:  # once per driver process: the store knows, a pickle may be stale
             self.logged[trial.trial_id] = logged_epochs(self.mc, self.children[trial.trial_id])
         return self.children[trial.trial_id]
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if not self._checked_lost:  # once per driver process, when a resumed sweep's trials are restored
+            self._checked_lost = True
+            end_lost_trials(self.mc, self.exp_id, self.parent_id, {t.trial_id for t in trials})
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._child(trial)

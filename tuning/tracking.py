@@ -207,6 +207,26 @@ def child_runs(uri: str, exp_id: str, parent_id: str) -> Any:
     return mlflow.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000)
 
 
+def end_lost_trials(mc: Any, exp_id: str, parent_id: str, known: set[str]) -> list[str]:
+    """End the RUNNING child runs whose trial the restored sweep does not know: trials that started
+    after Tune last saved its state, before the driver died. Tagged ``hesstune.lost``; returns
+    their trial ids."""
+    runs = mc.search_runs(
+        [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    )
+    lost = [run for run in runs if run.data.tags.get(TRIAL_TAG) not in known]
+    for run in lost:
+        _retry(mc.set_tag, run.info.run_id, "hesstune.lost", LOST_TEXT)
+        _retry(mc.set_terminated, run.info.run_id, status="KILLED")
+    return [run.data.tags.get(TRIAL_TAG, "") for run in lost]
+
+
+LOST_TEXT = (
+    "started after Tune last saved the sweep's state, before the driver died: the resumed sweep "
+    "does not know this trial, and its searcher proposes another in its place"
+)
+
+
 def finish_orphans(mc: Any, exp_id: str, parent_id: str, status: str = "KILLED") -> int:
     """End any child still RUNNING (e.g. after the driver was killed); returns how many."""
     runs = mc.search_runs(
