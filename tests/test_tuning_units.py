@@ -194,6 +194,37 @@ def test_a_trial_started_after_tunes_last_save_is_ended_as_lost_on_resume(tmp_pa
     assert runs["t1"].info.status == "RUNNING" and "hesstune.lost" not in runs["t1"].data.tags
 
 
+def test_progress_shows_running_trials_epochs_at_most_once_a_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tuning import callbacks
+
+    now = [1000.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: now[0])
+    lines: list[str] = []
+    progress = callbacks.ProgressCallback(4, "bound", epochs=5, heartbeat_s=60, log=lines.append)
+    t1, t2, t3 = (SimpleNamespace(trial_id=f"t{i}", status="RUNNING", last_result={}) for i in (1, 2, 3))
+    t3.status = "TERMINATED"
+    trials = [t1, t2, t3]
+
+    def at(seconds: float, trial: SimpleNamespace, epoch: int) -> None:
+        now[0] = 1000.0 + seconds
+        progress.on_trial_result(0, trials, trial, {"epoch": epoch})
+
+    at(30, t1, 1)
+    at(40, t2, 1)
+    assert lines == []
+    at(61, t1, 2)
+    assert lines == ["  running: t1 epoch 2/5, t2 epoch 1/5; 1/4 done (61 s elapsed)"]
+    at(90, t2, 2)
+    t2.last_result, now[0] = {"final": 1.0, "bound": 0.5}, 1100.0
+    progress.on_trial_complete(0, trials, t2)  # a completion line restarts the heartbeat
+    at(150, t1, 3)
+    assert len(lines) == 2 and lines[1].startswith("[2/4] t2: bound 0.5")
+    at(161, t1, 4)
+    assert len(lines) == 3 and lines[2].startswith("  running: t1 epoch 4/5")
+
+
 def test_a_trial_larger_than_the_cluster_is_an_error_locally_and_a_warning_on_a_cluster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -192,16 +192,38 @@ def _error_text(trial: Any) -> str:
 
 
 class ProgressCallback(Callback):
-    """Prints one line when a trial finishes or fails: ``[3/16] trial … bound 0.91 …``."""
+    """Prints one line when a trial finishes or fails: ``[3/16] trial … bound 0.91 …``, and
+    while trials run, at most every ``heartbeat_s``, which epoch each running trial has reached."""
 
-    def __init__(self, total: int, metric: str, *, log: Callable[[str], None] = print) -> None:
+    epochs_total, heartbeat_s = 0, 60.0  # for callbacks pickled by sweeps of older versions
+
+    def __init__(
+        self, total: int, metric: str, *, epochs: int = 0, heartbeat_s: float = 60.0, log: Callable[[str], None] = print
+    ) -> None:
         self.total, self.metric, self.log = total, metric, log
-        self.started = time.time()
+        self.epochs_total, self.heartbeat_s = epochs, heartbeat_s
+        self.setup()
 
     def setup(
         self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None, **info: Any
     ) -> None:
-        self.started = time.time()  # also after a restore, which unpickles this callback
+        self.started = self.last_line = time.time()  # also after a restore, which unpickles this callback
+        self.epoch: dict[str, int] = {}
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        self.epoch[trial.trial_id] = int(result.get("epoch", 0))
+        if time.time() - self.last_line < self.heartbeat_s:
+            return
+        of = f"/{self.epochs_total}" if self.epochs_total else ""
+        running = [f"{t.trial_id} epoch {self.epoch.get(t.trial_id, 0)}{of}" for t in trials if t.status == "RUNNING"]
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self._line(f"  running: {', '.join(running)}; {done}/{self.total} done")
+
+    def _line(self, text: str) -> None:
+        self.log(f"{text} ({time.time() - self.started:.0f} s elapsed)")
+        self.last_line = time.time()
 
     def _count(self, trials: list[Any], current: Any) -> int:
         """Trials done, this one included (its status is not final yet when Ray calls us)."""
@@ -215,13 +237,10 @@ class ProgressCallback(Callback):
             if _finite(r.get(k))
         ]
         state = "" if r.get("final") else " (stopped early)"
-        self.log(
-            f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)} "
-            f"({time.time() - self.started:.0f} s elapsed)"
-        )
+        self._line(f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.log(f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
+        self._line(f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
 
 
 def _finite(x: Any) -> bool:

@@ -294,7 +294,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
     meta = {**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}
     paths.meta.write_text(json.dumps(meta, indent=1))
     tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, sweep=opts.name)
-    progress = ProgressCallback(opts.trials, metric, log=log)
+    progress = ProgressCallback(opts.trials, metric, epochs=space.epochs_for(opts.base), log=log)
     tic = time.perf_counter()
     log(
         f"sweep {opts.name}: {opts.trials} trials of space {space.name!r}, objective {opts.objective}, "
