@@ -207,18 +207,21 @@ def child_runs(uri: str, exp_id: str, parent_id: str) -> Any:
     return mlflow.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=50000)
 
 
-def end_lost_trials(mc: Any, exp_id: str, parent_id: str, known: set[str]) -> list[str]:
+def _running_children(mc: Any, exp_id: str, parent_id: str) -> list[Any]:
+    return list(
+        mc.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'")
+    )
+
+
+def end_lost_trials(mc: Any, exp_id: str, parent_id: str, known: set[str]) -> int:
     """End the RUNNING child runs whose trial the restored sweep does not know: trials that started
     after Tune last saved its state, before the driver died. Tagged ``hesstune.lost``; returns
-    their trial ids."""
-    runs = mc.search_runs(
-        [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"
-    )
-    lost = [run for run in runs if run.data.tags.get(TRIAL_TAG) not in known]
+    how many."""
+    lost = [run for run in _running_children(mc, exp_id, parent_id) if run.data.tags.get(TRIAL_TAG) not in known]
     for run in lost:
         _retry(mc.set_tag, run.info.run_id, "hesstune.lost", LOST_TEXT)
         _retry(mc.set_terminated, run.info.run_id, status="KILLED")
-    return [run.data.tags.get(TRIAL_TAG, "") for run in lost]
+    return len(lost)
 
 
 LOST_TEXT = (
@@ -229,9 +232,7 @@ LOST_TEXT = (
 
 def finish_orphans(mc: Any, exp_id: str, parent_id: str, status: str = "KILLED") -> int:
     """End any child still RUNNING (e.g. after the driver was killed); returns how many."""
-    runs = mc.search_runs(
-        [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"
-    )
+    runs = _running_children(mc, exp_id, parent_id)
     for run in runs:
         _retry(mc.set_terminated, run.info.run_id, status=status)
     return len(runs)
