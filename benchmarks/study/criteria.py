@@ -238,7 +238,7 @@ def _noise_switch(frame: pd.DataFrame) -> np.ndarray:
 EB_TAUS = tuple(float(t) for t in np.geomspace(1e-3, 0.3, 40))  # a-priori grid for val_acc_eb's τ
 
 
-def empirical_bayes_val(frame: pd.DataFrame, features: tuple[str, ...] = ("train_acc", "measure")) -> np.ndarray:
+def empirical_bayes_val(frame: pd.DataFrame) -> np.ndarray:
     """val_acc_eb's posterior means of the candidates' population validation accuracy (see the
     module docstring)."""
     from tuning.selection import validation_correctness
@@ -249,7 +249,7 @@ def empirical_bayes_val(frame: pd.DataFrame, features: tuple[str, ...] = ("train
     correct = correct.astype(float)
     y = correct.mean(1)
     noise = np.cov(correct) / correct.shape[1] + 1e-9 * np.eye(len(y))
-    z = np.column_stack([_col(frame, f) for f in features])
+    z = np.column_stack([_col(frame, "train_acc"), _col(frame, "measure")])
     x = np.column_stack([np.ones(len(y)), (z - z.mean(0)) / (z.std(0) + 1e-12)])
     best = -math.inf, y
     for tau in EB_TAUS:
