@@ -253,14 +253,15 @@ def test_cifar_class_without_samples(tmp_path: Path) -> None:
     sub = tmp_path / "cifar-100-python"
     _pickle(sub / "train", _cifar_batch(50, 50, b"fine_labels", 1))  # classes 50..99 never appear
     _pickle(sub / "test", _cifar_batch(10, 10, b"fine_labels", 2))
-    with pytest.raises(ConfigError, match="class 50 has no samples"):
+    with pytest.raises(ConfigError, match="target class 50 has no images"):
         load_task(_task(f"cifar100:{sub}"))
 
 
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("mnist", "unknown task 'mnist'"),
+        ("emnist", "unknown task 'emnist'"),
+        ("mnist", "mnist needs a folder"),
         ("digits:/x", "digits takes no path"),
         ("cifar10", "cifar10 needs a folder"),
     ],
@@ -271,7 +272,7 @@ def test_bad_task_names(name: str, message: str) -> None:
 
 
 def test_task_registry() -> None:
-    assert task_names() == ["cifar10", "cifar100", "digits", "imagefolder"]
+    assert task_names() == ["cifar10", "cifar100", "digits", "fashion-mnist", "imagefolder", "mnist"]
 
 
 def test_corrected_accuracy_inverts_symmetric_noise_and_is_unbiased_under_pair_noise() -> None:

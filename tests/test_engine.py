@@ -6,6 +6,7 @@ task (5 classes, 40 training images of 3×16×16), with the Hessian measures off
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from trainables import loop, models
-from trainables.config import ConfigError, ModelConfig, NoiseConfig, RunConfig
+from trainables.config import ConfigError, ModelConfig, NoiseConfig, RunConfig, TaskConfig
 from trainables.data import Split, TaskData
 from trainables.loop import DivergedError, fine_tune, train_to_end
 from trainables.models import create_model, ensure_source_model, layer_groups, save_weights
@@ -136,24 +137,29 @@ def test_unknown_model_name() -> None:
 
 
 def test_source_model_is_pretrained_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, int, tuple[int, ...]]] = []
 
-    def fake_pretrain(name: str, image_size: int) -> nn.Module:
-        calls.append((name, image_size))
+    def fake_pretrain(name: str, source: Any, recipe: dict[str, Any]) -> nn.Module:
+        calls.append((name, int(source.x.shape[-1]), source.classes))
         torch.manual_seed(1)
-        return timm.create_model(name, num_classes=5)
+        return timm.create_model(name, num_classes=len(source.classes)).eval()
 
     monkeypatch.setenv("HESSTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "_pretrain_source", fake_pretrain)
-    first = ensure_source_model("test_resnet", 16, log=lambda _: None)
+    small, large = TaskConfig(image_size=16), TaskConfig(image_size=32)
+    first = ensure_source_model("test_resnet", small, log=lambda _: None)
     mtime = first.stat().st_mtime_ns
-    second = ensure_source_model("test_resnet", 16, log=lambda _: None)
+    second = ensure_source_model("test_resnet", small, log=lambda _: None)
     assert first == second and first.parent == tmp_path and second.stat().st_mtime_ns == mtime
-    assert calls == [("test_resnet", 16)]
-    ensure_source_model("test_resnet", 32, log=lambda _: None)  # another image size: another entry
-    assert calls == [("test_resnet", 16), ("test_resnet", 32)]
-    model = create_model(ModelConfig(pretrained="source"), num_classes=K, image_size=16)
-    assert len(calls) == 2 and _body_equal(model, models.load_weights(first))
+    assert calls == [("test_resnet", 16, (0, 1, 2, 3, 4))]
+    report = json.loads(first.with_suffix(".json").read_text())  # digits has no held-out source images
+    assert report["source_test_acc"] is None and 0 <= report["probe_acc_random"] <= 1 and report["probe_train_n"] > 0
+    ensure_source_model("test_resnet", large, log=lambda _: None)  # another image size: another entry
+    other = TaskConfig(image_size=16, source_classes=(0, 1, 2), target_classes=(5, 6, 7))
+    ensure_source_model("test_resnet", other, log=lambda _: None)  # other source classes: another entry
+    assert [c[1:] for c in calls] == [(16, (0, 1, 2, 3, 4)), (32, (0, 1, 2, 3, 4)), (16, (0, 1, 2))]
+    model = create_model(ModelConfig(pretrained="source"), num_classes=K, task=small)
+    assert len(calls) == 3 and _body_equal(model, models.load_weights(first))
 
 
 def test_layer_groups_are_depth_ordered_weights() -> None:
@@ -348,7 +354,7 @@ def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) ->
 def test_the_final_epoch_records_which_validation_samples_the_model_gets_right(task: TaskData) -> None:
     results = train_to_end(config(epochs=2), data=task, log=lambda _: None)
     assert results[0].records == {} and task.val is not None
-    model = create_model(ModelConfig("test_resnet", "none"), K, image_size=16)
+    model = create_model(ModelConfig("test_resnet", "none"), K)
     model.load_state_dict(results[-1].state()["model"])
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(results[-1].records["val_correct"]), dtype=np.uint8))
     correct = (loop.predict(model, task.val.x).argmax(1) == task.val.labels).numpy()

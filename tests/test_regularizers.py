@@ -32,7 +32,6 @@ from trainables.regularizers.consistent import (
     ConsistentLoss,
     backward_corrected_loss,
     checked_inverse,
-    estimate_transition,
 )
 from trainables.regularizers.constraint import DistanceConstraint, group_radii, project_
 from trainables.regularizers.nso import NSO, sigma_at
@@ -77,7 +76,6 @@ def make_ctx(model: nn.Module, *, labels: torch.Tensor | None = None, seed: int 
         transition=None,
         noise_rate=0.0,
         generator=torch.Generator().manual_seed(seed),
-        fit_plain=lambda _: model,
         log=lambda _: None,
     )
     fields.update(kw)
@@ -382,41 +380,6 @@ def test_singular_transition_is_rejected(rate: float) -> None:
 def test_rank_deficient_estimated_transition_is_rejected() -> None:
     with pytest.raises(ConfigError, match="singular"):
         checked_inverse(np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
-
-
-def _noisy_labels(clean: np.ndarray, transition: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.array([rng.choice(len(transition), p=transition[c]) for c in clean])
-
-
-TRUE_F = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.15, 0.15, 0.7]])
-
-
-def test_dual_t_recovers_f_from_a_confident_clean_model() -> None:
-    """Anchors ≈ one-hot (T_anchor ≈ I); predictions = clean class, so T_count ≈ F."""
-    rng = np.random.default_rng(0)
-    clean = rng.integers(0, 3, size=3000)
-    noisy = _noisy_labels(clean, TRUE_F, rng)
-    eps = rng.uniform(0.0, 0.1, size=(3000, 1))
-    probs = (1 - eps) * np.eye(3)[clean] + eps * rng.dirichlet(np.ones(3), size=3000)
-    est = estimate_transition(probs, noisy, 3)
-    np.testing.assert_allclose(est.sum(axis=1), 1.0)
-    assert np.abs(est - TRUE_F).max() < 0.05
-
-
-def test_dual_t_anchor_points_skip_overconfident_outliers() -> None:
-    """Noisy posteriors p = c·F[y] + (1 − c)/K; predictions = given labels (T_count = I).
-
-    1% of samples are over-confident one-hot outliers; without the 97th-percentile filter they
-    would be the anchors and the estimate would be ≈ I.
-    """
-    rng = np.random.default_rng(1)
-    clean = rng.integers(0, 3, size=600)
-    c = rng.uniform(0.5, 1.0, size=(600, 1))
-    probs = c * TRUE_F[clean] + (1 - c) / 3
-    outliers = rng.choice(600, size=6, replace=False)
-    probs[outliers] = 0.98 * np.eye(3)[clean[outliers]] + 0.01
-    est = estimate_transition(probs, probs.argmax(axis=1), 3)
-    assert np.abs(est - TRUE_F).max() < 0.03
 
 
 # -- NSO (SPEC §3.4) ----------------------------------------------------------------------------------------

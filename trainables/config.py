@@ -39,6 +39,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and how to fix it."""
 
 
+# keys earlier versions exported that no longer mean anything: ``consistent.estimate_epochs``
+# (F is now estimated once per run by trainables.transition, not by training a plain model)
+RETIRED_KEYS = {"consistent": ("estimate_epochs",)}
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """Synthetic label noise injected into the training (and by default validation) labels."""
@@ -46,6 +51,10 @@ class NoiseConfig:
     kind: Literal["none", "symmetric", "pair", "correlated"] = "symmetric"
     rate: float = 0.4
     noisy_val: bool = True
+    # false: act as a user would, who never knows F: everything that needs the noise matrix uses
+    # the estimate from the data (trainables.transition), even for noise hesstune injected itself
+    reveal: bool = True
+    estimator: Literal["anchor", "dual_t", "confident"] = "confident"  # how F is estimated (docs/transition.md)
 
     def validate(self) -> None:
         if not 0.0 <= self.rate < 1.0:
@@ -58,10 +67,16 @@ class NoiseConfig:
 class TaskConfig:
     """Which data set, how it is split, and how large the images are."""
 
-    name: str = "digits"  # digits | imagefolder:PATH | cifar10:PATH | cifar100:PATH
+    name: str = "digits"  # digits | fashion-mnist[:PATH] | mnist:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH
     val_fraction: float = 0.2
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # of the pool, for tasks without a fixed test set
     train_size: int | None = None  # keep only this many training samples (data-size studies)
+    val_size: int | None = None  # this many validation samples instead of val_fraction of the pool
+    # classes that pretrain the ``source`` model, and the classes fine-tuned on (relabelled 0..T−1
+    # in this order); null: the task's default (digits, mnist, fashion-mnist: 0–4 and 5–9; else
+    # no source and every class as target)
+    source_classes: tuple[int, ...] | None = None
+    target_classes: tuple[int, ...] | None = None
     image_size: int = 32
     split_seed: int = 0  # split and noise draw; independent of the training seed
     merge_val: bool = False  # final fit: train on train ∪ val, no validation split
@@ -76,16 +91,31 @@ class TaskConfig:
             raise ConfigError("task.val_fraction + task.test_fraction must be < 1 to leave training data")
         if self.train_size is not None and self.train_size < 1:
             raise ConfigError(f"task.train_size={self.train_size} must be ≥ 1 (or null for all)")
+        if self.val_size is not None and self.val_size < 0:
+            raise ConfigError(f"task.val_size={self.val_size} must be ≥ 0 (or null for task.val_fraction)")
+        self._validate_classes()
         if self.image_size < 8:
             raise ConfigError(f"task.image_size={self.image_size} must be ≥ 8")
         self.noise.validate()
+
+    def _validate_classes(self) -> None:
+        for key in ("source_classes", "target_classes"):
+            classes = getattr(self, key) or ()
+            if any(c < 0 for c in classes) or len(set(classes)) != len(classes):
+                raise ConfigError(f"task.{key}={list(classes)} must list distinct class indices ≥ 0")
+        both = sorted(set(self.source_classes or ()) & set(self.target_classes or ()))
+        if both:
+            raise ConfigError(
+                f"class {both[0]} is in both task.source_classes and task.target_classes: "
+                "pretraining on a target class would leak it; list each class in one of them"
+            )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A timm architecture and where its starting weights come from.
 
-    ``pretrained``: ``source`` (the built-in task's model pretrained on digits 0–4, cached),
+    ``pretrained``: ``source`` (pretrained once on the task's source classes, cached),
     ``timm`` (timm/Hugging Face cache, no download), ``none`` (random init, the from-scratch
     baseline), or ``file:PATH`` (a safetensors or weights-only torch file).
     """
@@ -172,21 +202,18 @@ class SelfLabelConfig:
 class ConsistentConfig:
     """Consistent (backward-corrected) loss under class-conditional noise, SPEC §3.3.
 
-    ``transition``: ``symmetric`` (rate given, or the task's noise rate when null),
-    ``task`` (the injected noise's own F: right for pair and correlated noise too), or
-    ``estimated`` (anchor-point estimate from a plain fine-tuned model).
+    ``transition``: ``symmetric`` (rate given, or the task's noise rate when null), ``task`` (the
+    run's F: the injected noise's own when ``task.noise.reveal``, else the estimate from the data),
+    or ``estimated`` (always the estimate, trainables.transition; the whole run then uses it).
     """
 
     enabled: bool = False
     transition: Literal["symmetric", "task", "estimated"] = "symmetric"
     rate: float | None = None
-    estimate_epochs: int = 5
 
     def validate(self) -> None:
         if self.rate is not None and not 0.0 <= self.rate < 1.0:
             raise ConfigError(f"consistent.rate={self.rate} is outside [0, 1)")
-        if self.estimate_epochs < 1:
-            raise ConfigError(f"consistent.estimate_epochs={self.estimate_epochs} must be ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -292,7 +319,12 @@ class RunConfig:
     # -- conversions -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Build from a nested dict (YAML form); unknown keys are errors."""
+        """Build from a nested dict (YAML form); unknown keys are errors, except retired keys that
+        configs exported by earlier versions still carry (:data:`RETIRED_KEYS`), which are dropped."""
+        for name, keys in RETIRED_KEYS.items():
+            section = data.get(name)
+            if isinstance(section, dict) and any(k in section for k in keys):
+                data = {**data, name: {k: v for k, v in section.items() if k not in keys}}
         return _build(cls, data, "").validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,9 +405,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is not one of: {choices}")
         return value
     if origin is tuple:
+        item = get_args(tp)[0]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}={value!r} must be a list of numbers")
-        return tuple(_coerce(float, v, key) for v in value)
+            raise ConfigError(f"{key}={value!r} must be a list of {'integers' if item is int else 'numbers'}")
+        return tuple(_coerce(item, v, key) for v in value)
     return _scalar(tp, value, key)
 
 

@@ -1,15 +1,24 @@
 """Tasks: the built-in ``digits`` transfer task and real image data from local files.
 
 A task yields a :class:`TaskData`: in-memory image tensors per split, the clean labels, the
-noisy labels actually used for training/validation, and the noise transition matrix. Nothing is
-ever downloaded: ``imagefolder:PATH``, ``cifar10:PATH`` and ``cifar100:PATH`` read local files.
+noisy labels actually used for training/validation, and the injected noise's transition matrix.
+Nothing is ever downloaded: ``fashion-mnist[:PATH]``, ``mnist:PATH`` (IDX files),
+``imagefolder:PATH``, ``cifar10:PATH`` and ``cifar100:PATH`` read local files.
+
+Every task has a class layout (``task.source_classes`` / ``task.target_classes``): the target
+classes are fine-tuned on (relabelled 0..T−1 in the order given), the source classes pretrain the
+``--pretrained source`` model (:func:`load_source_task`). ``digits``, ``mnist`` and
+``fashion-mnist`` default to source 0–4 and target 5–9; other tasks to no source and every class
+as target. A fixed test set (IDX, CIFAR, ``imagefolder`` with ``train/`` and ``test/``) keeps
+only its target-class images.
 """
 
 from __future__ import annotations
 
 import functools
 import pickle
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +27,22 @@ import torch
 import torch.nn.functional as F
 
 from trainables.config import ConfigError, TaskConfig
+from trainables.idx import find_idx_files, read_idx_split
 from trainables.noise import apply_noise, empirical_transition, pair_transition, symmetric_transition
 
-__all__ = ["Split", "TaskData", "load_source_task", "load_task", "task_names"]
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "SourceData",
+    "Split",
+    "TaskData",
+    "class_layout",
+    "load_source_task",
+    "load_task",
+    "task_names",
+]
+
+# where Debian's dataset-fashion-mnist package installs the four IDX files (``fashion-mnist`` alone)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -48,7 +70,9 @@ class TaskData:
     test: Split
     test_noisy: torch.Tensor  # a noisy copy of the test labels drawn by the same process
     num_classes: int
-    transition: np.ndarray | None  # F[j, k] = P(noisy = k | clean = j); None without noise
+    # F[j, k] = P(noisy = k | clean = j) of the noise hesstune injected; None without injected
+    # noise. Training and selection read the run's F (trainables.transition), never this directly.
+    transition: np.ndarray | None
 
     @property
     def realised_noise(self) -> float:
@@ -78,17 +102,42 @@ def _digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     return x, digits.target.astype(np.int64)
 
 
-def _digits_target(_: str, cfg: TaskConfig) -> _Pool:
+def _digits(_: str, cfg: TaskConfig) -> _Pool:
     x, y = _digits_images(cfg.image_size)
-    keep = y >= 5
-    return _Pool(x[torch.from_numpy(keep)], y[keep] - 5, 5)
+    return _Pool(x, y, 10)
 
 
-def load_source_task(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The source task of ``digits``: classes 0–4, used once to pretrain the source model."""
-    x, y = _digits_images(image_size)
-    keep = y < 5
-    return x[torch.from_numpy(keep)], torch.from_numpy(y[keep])
+@functools.lru_cache(maxsize=1)
+def _idx_pool(root: Path, kind: str, image_size: int) -> _Pool:
+    """All 70,000 (or however many) images of an MNIST-style folder, standardised by the training
+    images' mean and std (the same transform for source and target), one channel expanded to three."""
+    files = find_idx_files(root, kind)
+    x, y = read_idx_split(*files["train"])
+    tx, ty = read_idx_split(*files["test"])
+    if x.shape[1:] != tx.shape[1:]:
+        raise ConfigError(f"{kind} folder {str(root)!r}: train images are {x.shape[1:]}, test images {tx.shape[1:]}")
+    num_classes = int(max(y.max(initial=0), ty.max(initial=0))) + 1
+
+    def images(raw: np.ndarray) -> torch.Tensor:
+        return _resize(torch.from_numpy(raw.copy()).unsqueeze(1).float() / 255.0, image_size)
+
+    train, test = images(x), images(tx)
+    mean, std = train.mean(), train.std().clamp_min(1e-6)
+    rgb = (-1, 3, -1, -1)  # a view: one channel's memory for timm's three input channels
+    return _Pool(((train - mean) / std).expand(rgb), y, num_classes, ((test - mean) / std).expand(rgb), ty)
+
+
+def _idx(kind: str, default: Path | None) -> Callable[[str, TaskConfig], _Pool]:
+    def load(path: str, cfg: TaskConfig) -> _Pool:
+        if not path and default is not None and not default.is_dir():
+            raise ConfigError(
+                f"task {kind} reads {default}, which does not exist: apt-get install dataset-fashion-mnist, "
+                f"or use {kind}:PATH with a folder holding the four IDX files"
+            )
+        root = default if not path and default is not None else _existing_dir(path, kind)
+        return _idx_pool(root.resolve(), kind, cfg.image_size)
+
+    return load
 
 
 def _load_image(path: Path, image_size: int) -> torch.Tensor:
@@ -167,7 +216,9 @@ def _cifar(num_classes: int) -> Callable[[str, TaskConfig], _Pool]:
 
 
 _TASKS: dict[str, Callable[[str, TaskConfig], _Pool]] = {
-    "digits": _digits_target,
+    "digits": _digits,
+    "mnist": _idx("mnist", None),
+    "fashion-mnist": _idx("fashion-mnist", FASHION_MNIST_DIR),
     "imagefolder": _imagefolder,
     "cifar10": _cifar(10),
     "cifar100": _cifar(100),
@@ -202,13 +253,85 @@ def _normalised(pool: _Pool) -> _Pool:
     return pool
 
 
+TASK_HELP = "digits, fashion-mnist[:PATH], mnist:PATH, imagefolder:PATH, cifar10:PATH or cifar100:PATH"
+
+# (source, target) classes of tasks that have a default transfer layout
+_DEFAULT_LAYOUT: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    kind: ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)) for kind in ("digits", "mnist", "fashion-mnist")
+}
+
+
 def parse_task_name(name: str) -> tuple[str, str]:
     kind, _, path = name.partition(":")
     if kind not in _TASKS:
-        raise ConfigError(f"unknown task {name!r}: use one of digits, imagefolder:PATH, cifar10:PATH, cifar100:PATH")
+        raise ConfigError(f"unknown task {name!r}: use one of {TASK_HELP}")
     if kind == "digits" and path:
         raise ConfigError(f"task {name!r}: digits takes no path")
     return kind, path
+
+
+def class_layout(cfg: TaskConfig, num_classes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(source, target) classes of the task: the config's, else the task's default."""
+    kind, _ = parse_task_name(cfg.name)
+    default_source, default_target = _DEFAULT_LAYOUT.get(kind, ((), ()))
+    source = cfg.source_classes if cfg.source_classes is not None else default_source
+    if cfg.target_classes is not None:
+        target = cfg.target_classes
+    else:
+        target = default_target or tuple(c for c in range(num_classes) if c not in source)
+    for key, classes in (("source_classes", source), ("target_classes", target)):
+        wrong = [c for c in classes if not 0 <= c < num_classes]
+        if wrong:
+            raise ConfigError(
+                f"task.{key} lists class {wrong[0]}, which task {cfg.name!r} does not have: "
+                f"its classes are 0–{num_classes - 1}"
+            )
+    if len(target) < 2:
+        raise ConfigError(f"task.target_classes={list(target)}: fine-tuning needs at least 2 target classes")
+    return source, target
+
+
+def _restrict(pool: _Pool, classes: Sequence[int], role: str, name: str) -> _Pool:
+    """The images of ``classes`` only, relabelled 0..len−1 in the order given; every class needs data."""
+    remap = np.full(pool.num_classes, -1, dtype=np.int64)
+    remap[list(classes)] = np.arange(len(classes))
+    counts = np.bincount(pool.y, minlength=pool.num_classes)
+    empty = [c for c in classes if counts[c] == 0]
+    if empty:
+        raise ConfigError(f"task {name!r}: {role} class {empty[0]} has no images; list only classes with data")
+    keep = remap[pool.y] >= 0
+    out = _Pool(pool.x[torch.from_numpy(keep)], remap[pool.y[keep]], len(classes))
+    if pool.test_x is not None and pool.test_y is not None:
+        test_keep = remap[pool.test_y] >= 0
+        out.test_x, out.test_y = pool.test_x[torch.from_numpy(test_keep)], remap[pool.test_y[test_keep]]
+    return out
+
+
+@dataclass
+class SourceData:
+    """The source classes of a task (relabelled 0..S−1): what ``--pretrained source`` trains on;
+    ``test`` is the fixed test set's source images (None when the task has no fixed test set)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    test: tuple[torch.Tensor, torch.Tensor] | None
+    classes: tuple[int, ...]
+
+
+def load_source_task(cfg: TaskConfig) -> SourceData:
+    """The task's source classes, used once to pretrain the source model."""
+    cfg.validate()
+    kind, path = parse_task_name(cfg.name)
+    pool = _TASKS[kind](path, cfg)
+    source, _ = class_layout(cfg, pool.num_classes)
+    if not source:
+        raise ConfigError(
+            f"task {cfg.name!r} has no source classes to pretrain on: set task.source_classes "
+            "(e.g. --set task.source_classes=[0,1,2]) or use --pretrained timm, none or file:PATH"
+        )
+    part = _restrict(pool, source, "source", cfg.name)
+    test = None if part.test_x is None or part.test_y is None else (part.test_x, torch.from_numpy(part.test_y))
+    return SourceData(part.x, torch.from_numpy(part.y), test, source)
 
 
 # -- splitting and noise ------------------------------------------------------------------------
@@ -222,25 +345,24 @@ def load_task(cfg: TaskConfig) -> TaskData:
     cfg.validate()
     kind, path = parse_task_name(cfg.name)
     pool = _TASKS[kind](path, cfg)
-    _check_classes(pool.y, pool.num_classes, cfg.name)
+    _, target = class_layout(cfg, pool.num_classes)
+    pool = _restrict(pool, target, "target", cfg.name)
     rng = np.random.default_rng(cfg.split_seed)
     parts = _split_indices(pool, cfg, rng)
     weak = _weak_scores(pool, cfg, rng) if cfg.noise.kind == "correlated" else None
     return _assemble(pool, parts, cfg, rng, weak)
 
 
-def _check_classes(y: np.ndarray, num_classes: int, name: str) -> None:
-    counts = np.bincount(y, minlength=num_classes)
-    empty = np.flatnonzero(counts == 0)
-    if len(empty):
-        raise ConfigError(f"task {name!r}: class {int(empty[0])} has no samples; every class needs data")
-
-
 def _split_indices(pool: _Pool, cfg: TaskConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
     order = rng.permutation(len(pool.y))
     n = len(order)
     n_test = 0 if pool.test_x is not None else round(cfg.test_fraction * n)
-    n_val = round(cfg.val_fraction * n)
+    n_val = cfg.val_size if cfg.val_size is not None else round(cfg.val_fraction * n)
+    if n_test + n_val >= n:
+        raise ConfigError(
+            f"task {cfg.name!r}: {n_val} validation images (task.val_size/val_fraction) leave none of its {n} "
+            "target images for training: use a smaller validation split"
+        )
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     if cfg.train_size is not None:
         if cfg.train_size > len(parts["train"]):
@@ -258,6 +380,7 @@ def _split_indices(pool: _Pool, cfg: TaskConfig, rng: np.random.Generator) -> di
 
 def _weak_scores(pool: _Pool, cfg: TaskConfig, rng: np.random.Generator) -> np.ndarray:
     """Class probabilities of a deliberately weak model (few-step logistic regression on 8×8 thumbnails)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     def feats(x: torch.Tensor) -> np.ndarray:
@@ -265,7 +388,9 @@ def _weak_scores(pool: _Pool, cfg: TaskConfig, rng: np.random.Generator) -> np.n
 
     fit = rng.choice(len(pool.y), size=max(len(pool.y) // 4, 2 * pool.num_classes), replace=False)
     model = LogisticRegression(C=0.05, max_iter=50)
-    model.fit(feats(pool.x[fit]), pool.y[fit])
+    with warnings.catch_warnings():  # deliberately weak: 50 iterations need not converge
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(feats(pool.x[fit]), pool.y[fit])
     scores = model.predict_proba(feats(pool.x))
     if pool.test_x is not None:
         scores = np.concatenate([scores, model.predict_proba(feats(pool.test_x))])

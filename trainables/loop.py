@@ -24,6 +24,7 @@ from trainables.data import TaskData, load_task
 from trainables.models import create_model, head_name, layer_groups
 from trainables.noise import corrected_accuracy, noise_entropy
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
+from trainables.transition import RunTransition, run_transition
 
 __all__ = ["DivergedError", "EpochResult", "fine_tune", "predict", "resolve_device", "train_to_end"]
 
@@ -72,6 +73,7 @@ class _Run:
     ctx: RunContext
     device: torch.device
     gradient_reg: Regularizer | None
+    transition: RunTransition
     passes: list[int] = field(default_factory=lambda: [0, 0])  # forward, backward since epoch start
     steps: int = 0
 
@@ -106,8 +108,9 @@ def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size).to(device)
+    model = create_model(cfg.model, data.num_classes, task=cfg.task).to(device)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    transition = run_transition(cfg, model, data)  # before the regularizers: the consistent loss reads it
     regs = build_regularizers(cfg)
     gradient_regs = [r for r in regs if r.changes_gradient]
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -121,38 +124,16 @@ def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run
         clean=train.clean if data.transition is not None else None,
         num_classes=data.num_classes,
         epochs=cfg.epochs,
-        transition=data.transition,
+        transition=transition.matrix,
         noise_rate=cfg.task.noise.rate if cfg.task.noise.kind != "none" else 0.0,
         generator=generator,
-        fit_plain=lambda epochs: _fit_plain(cfg, data, epochs),
         log=log,
     )
-    ctx.train_x = train.x  # type: ignore[attr-defined]  # for estimating F
     for reg in regs:
         reg.setup(ctx)
     opt = _optimizer(cfg, model)
-    return _Run(
-        cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device, gradient_regs[0] if gradient_regs else None
-    )
-
-
-def _fit_plain(cfg: RunConfig, data: TaskData, epochs: int) -> nn.Module:
-    """A plain fine-tuning (no regularizer, no measure) of ``epochs`` epochs, e.g. to estimate F."""
-    plain = cfg.replace(
-        **{
-            "consistent.enabled": False,
-            "self_label.enabled": False,
-            "constraint.enabled": False,
-            "nso.enabled": False,
-            "sam.enabled": False,
-            "measure.enabled": False,
-            "epochs": epochs,
-        }
-    )
-    run = _prepare(plain, data, log=lambda _: None)
-    for epoch in range(1, epochs + 1):
-        _train_epoch(run, epoch)
-    return run.model
+    gradient_reg = gradient_regs[0] if gradient_regs else None
+    return _Run(cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device, gradient_reg, transition)
 
 
 # -- one step ----------------------------------------------------------------------------------
@@ -243,8 +224,12 @@ def _distances(run: _Run) -> dict[str, float]:
 def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, float]:
     """Eval-mode losses/accuracies; ``gap`` uses the same loss and label distribution as training.
     With ``records``, also which validation samples the model gets right (``val_correct``: the hex
-    of the packed bits, what the paired validation band of ``val_band_bound`` compares trials on)."""
-    data, model = run.data, run.model
+    of the packed bits, what the paired validation band of ``val_band_bound`` compares trials on)
+    and which noise matrix the run used (``transition``: true, estimated:<method> or none).
+
+    Clean labels and the injected F enter only evaluation metrics (test_*, train_acc_clean,
+    memorized, f_error); what selection reads uses the run's F (``run.ctx.transition``)."""
+    data, model, transition = run.data, run.model, run.ctx.transition
     train_logits = predict(model, data.train.x)
     m: dict[str, float] = {}
     noisy = data.train.labels
@@ -258,14 +243,16 @@ def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, floa
     if data.val is not None:
         val_logits = predict(model, data.val.x)
         m["val_loss"], m["val_acc"] = _split_metrics(val_logits, data.val.labels)
-        if data.transition is not None:  # unbiased for the clean accuracy (docs/results.md)
-            m["val_acc_corr"] = corrected_accuracy(
-                val_logits.argmax(1).numpy(), data.val.labels.numpy(), data.transition
-            )
+        if transition is not None:  # unbiased for the clean accuracy when F is right (docs/results.md)
+            m["val_acc_corr"] = corrected_accuracy(val_logits.argmax(1).numpy(), data.val.labels.numpy(), transition)
         if records is not None:
             records["val_correct"] = np.packbits((val_logits.argmax(1) == data.val.labels).numpy()).tobytes().hex()
-    if data.transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics)
-        m["noise_entropy"] = noise_entropy(data.transition)
+    if transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics)
+        m["noise_entropy"] = noise_entropy(transition)
+    if run.transition.f_error is not None:  # the estimate against the injected F: evaluation only
+        m["f_error"] = run.transition.f_error
+    if records is not None:
+        records["transition"] = run.transition.source
     test_logits = predict(model, data.test.x)
     m["test_loss"], m["test_acc"] = _split_metrics(test_logits, data.test.clean)
     m["test_loss_noisy"], m["test_acc_noisy"] = _split_metrics(test_logits, data.test_noisy)
@@ -353,12 +340,13 @@ def _run_epoch(run: _Run, epoch: int) -> EpochResult:
 
 
 def _transition(run: _Run) -> np.ndarray | None:
-    """The best-known noise transition matrix: the consistent loss's F, else the task's."""
+    """The noise matrix the bound uses: the consistent loss's F (it may assume a symmetric rate),
+    else the run's."""
     for reg in run.regs:
         matrix = getattr(reg, "transition", None)
         if isinstance(matrix, np.ndarray):
             return matrix
-    return run.data.transition
+    return run.ctx.transition
 
 
 def train_to_end(cfg: RunConfig, **kwargs: Any) -> list[EpochResult]:

@@ -279,7 +279,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
     if opts.base.model.pretrained == "source":
         from trainables.models import ensure_source_model
 
-        ensure_source_model(opts.base.model.name, opts.base.task.image_size, log=log)
+        ensure_source_model(opts.base.model.name, opts.base.task, log=log)
     _init_ray(opts)
     check_trial_resources(opts, log)
     if opts.address:

@@ -237,7 +237,7 @@ def record_run(
         "realised_noise": data.realised_noise,
         **_noise_constants(transition, data.num_classes),
     }
-    model = create_model(cfg.model, data.num_classes, image_size=cfg.task.image_size).to(resolve_device(cfg.device))
+    model = create_model(cfg.model, data.num_classes, task=cfg.task).to(resolve_device(cfg.device))
     # the measure sample set S: the training set capped at measure.samples (seeded), as in the product
     subset = _subset(len(data.train), cfg.measure.samples, cfg.seed)
     rows, raws = [], {}

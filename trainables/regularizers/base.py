@@ -50,10 +50,9 @@ class RunContext:
     clean: torch.Tensor | None  # known clean labels (synthetic noise), for diagnostics only
     num_classes: int
     epochs: int
-    transition: np.ndarray | None  # the task's noise transition matrix, when known
+    transition: np.ndarray | None  # the run's noise matrix F: injected and revealed, else estimated
     noise_rate: float
     generator: torch.Generator
-    fit_plain: Callable[[int], nn.Module]  # fine-tune a plain copy for N epochs (estimating F)
     log: Callable[[str], None]
 
 
