@@ -22,3 +22,28 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield cache
     torch.set_num_threads(threads)
     mp.undo()
+
+
+def write_idx_folder(
+    root: Path, *, train: int = 120, test: int = 60, classes: int = 10, side: int = 8, gz: bool = True, seed: int = 0
+) -> Path:
+    """An MNIST-style folder of the four IDX files (gzipped or raw): class c's images are a bright
+    square in a class-specific place plus noise, so the classes are learnable."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("t10k", test)):
+        labels = (np.arange(n) % classes).astype(np.uint8)
+        images = rng.integers(0, 60, size=(n, side, side)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 4)
+            images[i, 2 * r : 2 * r + 2, 2 * q : 2 * q + 2] = 255
+        for name, array in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+            data = b"\0\0\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+            path = root / (name + (".gz" if gz else ""))
+            path.write_bytes(gzip.compress(data) if gz else data)
+    return root

@@ -116,7 +116,7 @@ def _idx_pool(root: Path, kind: str, image_size: int) -> _Pool:
     tx, ty = read_idx_split(*files["test"])
     if x.shape[1:] != tx.shape[1:]:
         raise ConfigError(f"{kind} folder {str(root)!r}: train images are {x.shape[1:]}, test images {tx.shape[1:]}")
-    num_classes = int(max(y.max(initial=0), ty.max(initial=0))) + 1
+    num_classes = max(10, int(max(y.max(initial=0), ty.max(initial=0))) + 1)  # MNIST-style: 10 classes
 
     def images(raw: np.ndarray) -> torch.Tensor:
         return _resize(torch.from_numpy(raw.copy()).unsqueeze(1).float() / 255.0, image_size)
@@ -127,15 +127,21 @@ def _idx_pool(root: Path, kind: str, image_size: int) -> _Pool:
     return _Pool(((train - mean) / std).expand(rgb), y, num_classes, ((test - mean) / std).expand(rgb), ty)
 
 
-def _idx(kind: str, default: Path | None) -> Callable[[str, TaskConfig], _Pool]:
+# IDX tasks usable without a path, and the folder they then read
+IDX_DEFAULT_DIRS: dict[str, Path] = {"fashion-mnist": FASHION_MNIST_DIR}
+
+
+def _idx(kind: str) -> Callable[[str, TaskConfig], _Pool]:
     def load(path: str, cfg: TaskConfig) -> _Pool:
-        if not path and default is not None and not default.is_dir():
-            raise ConfigError(
-                f"task {kind} reads {default}, which does not exist: apt-get install dataset-fashion-mnist, "
-                f"or use {kind}:PATH with a folder holding the four IDX files"
-            )
-        root = default if not path and default is not None else _existing_dir(path, kind)
-        return _idx_pool(root.resolve(), kind, cfg.image_size)
+        default = IDX_DEFAULT_DIRS.get(kind)
+        if not path and default is not None:
+            if not default.is_dir():
+                raise ConfigError(
+                    f"task {kind} reads {default}, which does not exist: apt-get install dataset-fashion-mnist, "
+                    f"or use {kind}:PATH with a folder holding the four IDX files"
+                )
+            return _idx_pool(default.resolve(), kind, cfg.image_size)
+        return _idx_pool(_existing_dir(path, kind).resolve(), kind, cfg.image_size)
 
     return load
 
@@ -217,8 +223,8 @@ def _cifar(num_classes: int) -> Callable[[str, TaskConfig], _Pool]:
 
 _TASKS: dict[str, Callable[[str, TaskConfig], _Pool]] = {
     "digits": _digits,
-    "mnist": _idx("mnist", None),
-    "fashion-mnist": _idx("fashion-mnist", FASHION_MNIST_DIR),
+    "mnist": _idx("mnist"),
+    "fashion-mnist": _idx("fashion-mnist"),
     "imagefolder": _imagefolder,
     "cifar10": _cifar(10),
     "cifar100": _cifar(100),

@@ -43,8 +43,10 @@ _RAY_KEYS = {
 }
 
 
-# Text a trial reports at its end, stored as tags (tuning.tracking.set_text_tags).
+# Text a trial reports at its end, stored as tags (tuning.tracking.set_text_tags), and short
+# text stored as one tag ``hesstune.<key>`` (``transition``: which noise matrix F the trial used).
 TEXT_RESULTS = ("val_correct",)
+TAG_RESULTS = ("transition",)
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -119,6 +121,9 @@ class TrackingCallback(Callback):
             texts = {k: result[k] for k in TEXT_RESULTS if isinstance(result.get(k), str)}
             for key, text in texts.items():  # before the final tag, so a final trial always has them
                 set_text_tags(self.mc, run_id, key, text)
+            for key in TAG_RESULTS:
+                if isinstance(result.get(key), str):
+                    self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
             self.mc.set_tag(run_id, "hesstune.final", "1")
             self._finished()[trial.trial_id] = {"trial_id": trial.trial_id, **metrics, **texts}
 

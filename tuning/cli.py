@@ -121,10 +121,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     assert result is not None
     final = result.metrics
     print(_final_table(final))
+    used = result.records.get("transition", "none")
+    error = f", largest entry error vs the injected F: {final['f_error']:.3f}" if "f_error" in final else ""
+    print(f"noise matrix F: {used}{error}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        (out / "metrics.json").write_text(json.dumps({"final": final, "epochs": epochs}, indent=1))
+        record = {"final": final, "epochs": epochs, "transition": used}
+        (out / "metrics.json").write_text(json.dumps(record, indent=1))
         save_weights(result.state()["model"], out / "weights.safetensors")
         print(f"wrote {out / 'metrics.json'}, {out / 'weights.safetensors'}, {out / 'config.yaml'}")
     return 0
@@ -308,10 +312,21 @@ def cmd_server(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------------------
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="base run config (YAML); flags override it")
-    p.add_argument("--task", help="digits (built-in), imagefolder:PATH, cifar10:PATH or cifar100:PATH")
+    p.add_argument(
+        "--task",
+        help="digits (built-in), fashion-mnist[:PATH] (default PATH: Debian's dataset-fashion-mnist), mnist:PATH, "
+        "imagefolder:PATH, cifar10:PATH or cifar100:PATH",
+    )
     p.add_argument("--model", help="timm architecture name (default test_resnet)")
-    p.add_argument("--pretrained", help="source (digits), timm (local cache), none, or file:PATH")
-    p.add_argument("--noise", help="label noise: none, symmetric:R, pair:R or correlated:R")
+    p.add_argument(
+        "--pretrained",
+        help="source (pretrained once on the task's source classes, cached), timm (local cache), none, or file:PATH",
+    )
+    p.add_argument(
+        "--noise",
+        help="injected label noise: none, symmetric:R, pair:R or correlated:R; --set task.noise.reveal=false makes "
+        "the run use the noise matrix estimated from the data, as for real noise",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=3e-4")

@@ -276,6 +276,9 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
     paths = SweepPaths(opts.output.resolve(), opts.name)
     metric, _ = objective_metric(opts.objective)
     opts = SweepOptions(**{**opts.__dict__, "base": _base_for(opts, metric), "output": paths.output})
+    from trainables.data import load_task
+
+    load_task(opts.base.task)  # bad data is one error here, not a failure in every trial
     if opts.base.model.pretrained == "source":
         from trainables.models import ensure_source_model
 
