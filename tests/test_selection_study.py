@@ -158,6 +158,35 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
     assert row["train_loss"] == pytest.approx(final["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_fashion_study_smoke_estimates_f_and_never_hands_a_criterion_the_true_f(tmp_path: Path) -> None:
+    """The Fashion-MNIST study's pipeline on IDX files the test writes (CI has no package): every
+    run uses F estimated from its data (reveal=false), the columns criteria read are computed from
+    that estimate, and the true F appears only in the evaluation columns (trueF_*, f_error)."""
+    import dataclasses
+    import json
+
+    from benchmarks.study.design import FASHION
+    from benchmarks.study.runner import run_jobs
+    from tests.conftest import write_idx_folder
+    from trainables.noise import noise_entropy, symmetric_transition
+
+    root = write_idx_folder(tmp_path / "fm", train=600, test=100, side=8)
+    base = (*FASHION, ("task.name", f"fashion-mnist:{root}"), ("task.image_size", 8))
+    preset = dataclasses.replace(PRESETS["smoke"], name="fashion-smoke", base=base)
+    out = tmp_path / "fashion-smoke"
+    assert run_jobs(jobs(preset), out / "runs.jsonl", workers=1, log=lambda _: None) == 4
+    analysis.analyze(out, stores=[out / "runs.jsonl"], figures=None)
+    trials = pd.read_csv(out / "trials.csv")
+    assert set(trials["transition"]) == {"estimated:confident"} and trials["f_error"].between(0, 1).all()
+    true_h = noise_entropy(symmetric_transition(5, 0.4))
+    assert np.allclose(trials["trueF_noise_entropy"], true_h) and not np.allclose(trials["noise_entropy"], true_h)
+    labels = json.loads((out / "val_labels.json").read_text())
+    true_f = symmetric_transition(5, 0.4)
+    for entry in labels.values():  # what paired criteria read: the estimate, never the true F
+        assert not np.allclose(entry["F"], entry["true_F"]) and np.allclose(entry["true_F"], true_f)
+
+
 # --------------------------------------------------------------------------- registry additions (tuning.selection)
 
 

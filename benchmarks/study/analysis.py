@@ -107,6 +107,29 @@ COLUMNS = [
     "measure_s",
     "run_cpu_s",
 ]
+# columns of studies where F was estimated (task.noise.reveal=false): which F the runs used, its
+# error, and the F-reading columns recomputed with the true F (evaluation only, prefix trueF_)
+ESTIMATED_F_COLUMNS = [
+    "transition",
+    "f_error",
+    *(
+        f"trueF_{c}"
+        for c in (
+            "noise_entropy",
+            "noise_acc",
+            "F_min",
+            "bound",
+            "bound_loss",
+            "bound_C",
+            "bound_fwd",
+            "test_bound_loss_noisy",
+            "test_bound_loss_clean",
+            "val_bound_loss",
+            "train_cons",
+            "val_acc_corr",
+        )
+    ),
+]
 MEASURES = ["measure", "bound", "bound_floor", "measure_mean", "measure_p99", "distance", "train_loss", "val_loss"]
 TARGETS = {"gap": "gap", "test_loss": "test_loss"}
 
@@ -134,7 +157,8 @@ def write_trials(out: Path, stores: list[Path], raw_dirs: list[Path] = ()) -> pd
     for col in COLUMNS:
         if col not in frame.columns:
             frame[col] = np.nan
-    frame = frame[COLUMNS].sort_values(["setting", "size", "seed", "arm", "run", "epochs"]).reset_index(drop=True)
+    kept = COLUMNS + [c for c in ESTIMATED_F_COLUMNS if c in frame.columns]
+    frame = frame[kept].sort_values(["setting", "size", "seed", "arm", "run", "epochs"]).reset_index(drop=True)
     frame.to_csv(out / "trials.csv", index=False, float_format="%.6g")
     return load_trials(out / "trials.csv")
 

@@ -55,7 +55,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"task.val_fraction": 0.2, "task.train_size": None},
     "half": {"task.val_fraction": 0.1, "task.train_size": 224},
     "tiny": {"task.val_fraction": 0.1, "task.train_size": 48},
+    # Fashion-MNIST target (classes 5–9): the validation split is 0.4 × the training split, as in
+    # digits' sizes; the clean test set is the 5,000 official test images of the target classes
+    "f500": {"task.train_size": 500, "task.val_size": 200},
+    "f2000": {"task.train_size": 2000, "task.val_size": 800},
 }
+FASHION = (("task.name", "fashion-mnist"), ("task.noise.reveal", False))  # F estimated, never read
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,24 @@ PRESETS: dict[str, Preset] = {
             seeds=(0, 1, 2),
             runs=12,
             note="the symmetric-40 % part of the default preset (the KEY lines), ≈20 min",
+        ),
+        Preset(
+            "fashion",
+            settings=tuple(f"{kind}{rate}" for rate in (40, 20, 60) for kind in ("symmetric", "pair", "correlated")),
+            sizes=("f500", "f2000"),
+            seeds=(0, 1, 2),
+            runs=8,
+            checkpoints=(2, 4, 6, 8, 10),
+            tv_only=tuple(
+                (f"{kind}{rate}", size)
+                for rate in (20, 60)
+                for kind in ("symmetric", "pair", "correlated")
+                for size in ("f500", "f2000")
+            ),
+            base=FASHION,
+            note="Fashion-MNIST 5–9 from test_resnet pretrained on 0–4, F estimated (reveal=false): the three "
+            "noise kinds at 40 % with both arms, at 20 and 60 % with the validation arm; train 500 and 2,000 "
+            "(val 0.4×), 3 seeds, 8 configs × 5 checkpoints per search (docs/results.md: time and what was cut)",
         ),
         Preset(
             "full",
@@ -245,7 +268,7 @@ def jobs(preset: Preset) -> list[Job]:
             for seed in preset.seeds:
                 for arm in arms:
                     out += [Job(setting, size, seed, arm, run, preset.checkpoints, extra) for run in range(preset.runs)]
-    weight = {"full": 2.0, "half": 1.0, "tiny": 0.1}
+    weight = {"full": 2.0, "half": 1.0, "tiny": 0.1, "f500": 1.0, "f2000": 3.0}
 
     def cost(job: Job) -> float:
         nso = sample_config(job.seed, job.run)["nso.enabled"]

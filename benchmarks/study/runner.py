@@ -147,15 +147,43 @@ def labels_from_text(text: str) -> np.ndarray:
     return (np.frombuffer(text.encode(), dtype=np.uint8) - 48).astype(np.int64)
 
 
+def _f_columns(measure: float, logits: dict[str, Any], data: Any, transition: np.ndarray | None) -> dict[str, Any]:
+    """Every column that reads the noise matrix F: B and its parts, B's loss on the test and
+    validation labels, the consistent loss, and the F-corrected validation accuracy."""
+    from trainables.measures import bound_terms
+
+    loss_hat, c, kind = bound_terms(logits["train"], data.train.labels, transition, None)
+    row: dict[str, Any] = {
+        "bound": loss_hat + math.sqrt(c) * measure,
+        "bound_loss": loss_hat,
+        "bound_C": c,
+        "bound_fwd": 1.0 if kind == "fwd" else 0.0,
+        "test_bound_loss_noisy": bound_terms(logits["test"], data.test_noisy, transition, None)[0],
+        "test_bound_loss_clean": bound_terms(logits["test"], data.test.clean, transition, None)[0],
+        "train_cons": _consistent_loss(logits["train"], data.train.labels, transition, 2 * math.log(data.num_classes)),
+    }
+    if data.val is not None:
+        val_pred = logits["val"].argmax(1).numpy()
+        row["val_bound_loss"] = bound_terms(logits["val"], data.val.labels, transition, None)[0]
+        row["val_acc_corr"] = corrected_accuracy(val_pred, data.val.labels.numpy(), transition)
+    return row
+
+
 def _checkpoint_row(
-    model: Any, reference: dict[str, Any], data: Any, transition: np.ndarray | None, subset: Any = None
+    model: Any,
+    reference: dict[str, Any],
+    data: Any,
+    transition: np.ndarray | None,
+    subset: Any = None,
+    true_f: np.ndarray | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One checkpoint's measures; curvatures over ``subset`` of the training set (default: all of
-    it), M normalised by the full √n as :func:`trainables.measures.measure_model` does."""
+    it), M normalised by the full √n as :func:`trainables.measures.measure_model` does.
+    ``transition`` is the run's F (what criteria read); ``true_f``, when the run estimated F,
+    gives the same columns prefixed ``trueF_`` for evaluation."""
     import torch.nn.functional as F
 
     from trainables.loop import predict
-    from trainables.measures import bound_terms
 
     tic = time.perf_counter()
     k = data.num_classes
@@ -169,30 +197,19 @@ def _checkpoint_row(
     logits = {"train": predict(model, train.x), "test": predict(model, test.x)}
     if data.val is not None:
         logits["val"] = predict(model, data.val.x)
-    loss_hat, c, kind = bound_terms(logits["train"], train.labels, transition, None)
-    row.update(
-        {
-            "bound": loss_hat + math.sqrt(c) * row["measure"],
-            "bound_loss": loss_hat,
-            "bound_C": c,
-            "bound_fwd": 1.0 if kind == "fwd" else 0.0,
-            "test_bound_loss_noisy": bound_terms(logits["test"], data.test_noisy, transition, None)[0],
-            "test_bound_loss_clean": bound_terms(logits["test"], test.clean, transition, None)[0],
-        }
-    )
+    row.update(_f_columns(row["measure"], logits, data, transition))
+    if true_f is not None:  # evaluation only: what the F-reading criteria would see with the true F
+        row.update({f"trueF_{k}": v for k, v in _f_columns(row["measure"], logits, data, true_f).items()})
     cap = 2.0 * math.log(k)
     row["train_trunc"] = float(
         F.cross_entropy(logits["train"].double(), train.labels, reduction="none").clamp(max=cap).mean()
     )
-    row["train_cons"] = _consistent_loss(logits["train"], train.labels, transition, cap)
     row["test_trunc_clean"] = float(
         F.cross_entropy(logits["test"].double(), test.clean, reduction="none").clamp(max=cap).mean()
     )
     if data.val is not None:
-        row["val_bound_loss"] = bound_terms(logits["val"], data.val.labels, transition, None)[0]
         row["val_correct"] = _bits(logits["val"].argmax(1) == data.val.labels)
         row["val_pred"] = labels_text(logits["val"].argmax(1), k)
-        row["val_acc_corr"] = corrected_accuracy(logits["val"].argmax(1).numpy(), data.val.labels.numpy(), transition)
     row["measure_s"] = time.perf_counter() - tic
     raw = {f"logits_{split}": v.numpy().astype(np.float32) for split, v in logits.items()}
     raw["q"] = q.numpy().astype(np.float32)
@@ -210,12 +227,16 @@ def record_run(
     from trainables.loop import DivergedError, fine_tune, resolve_device
     from trainables.measures import _subset
     from trainables.models import create_model
+    from trainables.transition import run_transition
 
     sampled = sample_config(job.seed, job.run)
     cfg = RunConfig().replace(**job.overrides())
     torch.set_num_threads(max(cfg.threads, 1))
     data = _task_data(cfg)
-    transition = data.transition
+    model = create_model(cfg.model, data.num_classes, task=cfg.task).to(resolve_device(cfg.device))
+    run_f = run_transition(cfg, model, data)  # the starting model's estimate, as the loop computes it
+    transition = run_f.matrix
+    true_f = data.transition if run_f.source != "true" else None  # evaluation-only columns
     base = {
         "search": job.search,
         "setting": job.setting,
@@ -236,8 +257,11 @@ def record_run(
         "num_classes": data.num_classes,
         "realised_noise": data.realised_noise,
         **_noise_constants(transition, data.num_classes),
+        "transition": run_f.source,
     }
-    model = create_model(cfg.model, data.num_classes, task=cfg.task).to(resolve_device(cfg.device))
+    if true_f is not None:
+        base["f_error"] = math.nan if run_f.f_error is None else run_f.f_error
+        base.update({f"trueF_{k}": v for k, v in _noise_constants(true_f, data.num_classes).items()})
     # the measure sample set S: the training set capped at measure.samples (seeded), as in the product
     subset = _subset(len(data.train), cfg.measure.samples, cfg.seed)
     rows, raws = [], {}
@@ -249,7 +273,7 @@ def record_run(
             train_s = time.perf_counter() - tic
             state = result.state()
             model.load_state_dict(state["model"])
-            measured, raw = _checkpoint_row(model, state["reference"], data, transition, subset)
+            measured, raw = _checkpoint_row(model, state["reference"], data, transition, subset, true_f)
             engine = {k: v for k, v in result.metrics.items() if not k.startswith(("dist/", "sl_"))}
             row = {**base, "epochs": result.epoch, "trial_id": f"{job.key}-e{result.epoch}", **engine, **measured}
             row["train_s"] = train_s
@@ -263,6 +287,8 @@ def record_run(
             "val_noisy": labels_text(data.val.labels, data.num_classes),
             "F": None if transition is None else np.round(transition, 10).tolist(),
         }
+        if true_f is not None:  # evaluation only (the loss of each F-reading criterion from estimating F)
+            rows[0]["val_labels"]["true_F"] = np.round(true_f, 10).tolist()
     if raw_dir is not None and raws:
         path = Path(raw_dir) / f"{job.key}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
