@@ -151,3 +151,40 @@ def test_a_trial_larger_than_the_ray_cluster_is_refused_not_left_waiting(flag: s
         next(line for line in lines if f"{flag} 4096 but the Ray cluster on this machine has" in line)
     ], proc.stderr[-2000:]
     assert f"{kind}(s): use" in lines[0] and not out.exists()
+
+
+def _damaged_idx(tmp_path: Path) -> str:
+    from tests.conftest import write_idx_folder
+
+    root = write_idx_folder(tmp_path / "idx", train=40, test=20, gz=False)
+    labels = root / "train-labels-idx1-ubyte"
+    labels.write_bytes(b"\0\0\x08\x03" + labels.read_bytes()[4:])  # a label file claiming 3 dimensions
+    return f"mnist:{root}"
+
+
+def _idx_ok(tmp_path: Path) -> str:
+    from tests.conftest import write_idx_folder
+
+    return f"mnist:{write_idx_folder(tmp_path / 'idx', train=40, test=20)}"
+
+
+BAD_DATA = {
+    "idx folder without the files": (lambda p: f"fashion-mnist:{p}", [], "lacks train-images-idx3-ubyte"),
+    "wrong magic number": (_damaged_idx, [], "wrong magic"),
+    "class in source and target": (
+        _idx_ok, ["--set", "task.source_classes=[0,5]", "--set", "task.target_classes=[5,6]"], "in both"),
+    "class the task lacks": (_idx_ok, ["--set", "task.target_classes=[5,10]"], "class 10"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_one_line_before_anything_runs(
+    case: str, command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    make, extra, needle = BAD_DATA[case]
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, command, "--task", make(tmp_path), "--pretrained", "none", *extra, "--output", str(out))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not out.exists()
