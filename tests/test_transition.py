@@ -157,3 +157,40 @@ def test_consistent_estimated_forces_the_estimate_even_when_f_is_revealed() -> N
     cfg: Any = _config(reveal=True).replace(**{"consistent.transition": "estimated"})
     metrics, records = _final(cfg, _task(symmetric_transition(K, 0.2)))
     assert records["transition"] == "estimated:confident" and "f_error" in metrics
+
+
+# -- guards: an ill-conditioned F is never inverted for selection ---------------------------------------
+
+
+def test_an_ill_conditioned_f_makes_trials_report_plain_val_acc_as_val_acc_corr() -> None:
+    from trainables.noise import CORRECTION_MAX_COND, correction_is_stable
+
+    near_singular = symmetric_transition(K, 0.75)  # eigenvalues 1 and 1 − 0.75·5/4 = 0.0625: cond 16
+    assert np.linalg.cond(near_singular) > CORRECTION_MAX_COND and not correction_is_stable(near_singular)
+    assert correction_is_stable(symmetric_transition(K, 0.4)) and correction_is_stable(pair_transition(K, 0.4))
+    metrics, _ = _final(_config(reveal=True).replace(**{"consistent.enabled": False}), _task(near_singular))
+    assert metrics["val_acc_corr_fallback"] == 1.0 and metrics["val_acc_corr"] == metrics["val_acc"]
+    metrics, _ = _final(_config(reveal=True).replace(**{"consistent.enabled": False}), _task(pair_transition(K, 0.4)))
+    assert metrics["val_acc_corr_fallback"] == 0.0 and metrics["val_acc_corr"] != metrics["val_acc"]
+
+
+def test_the_report_says_when_val_acc_corr_fell_back_and_what_measure_alone_is() -> None:
+    import pandas as pd
+
+    from tuning.report import format_report
+
+    table = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c"],
+            "val_acc": [0.5, 0.6, 0.55],
+            "val_acc_corr": [0.5, 0.6, 0.55],
+            "val_acc_corr_fallback": [1.0, 1.0, 1.0],
+            "measure": [0.01, 0.3, 0.2],
+            "bound": [1.0, 1.2, 1.1],
+            "test_acc": [0.4, 0.9, 0.8],
+        }
+    )
+    text = format_report(table, "val_acc_corr")
+    assert "ill-conditioned" in text and "measure alone" not in text
+    assert "measure alone predicts the generalization gap" in format_report(table, "measure")
+    assert "ill-conditioned" not in format_report(table.drop(columns="val_acc_corr_fallback"), "val_acc")

@@ -94,7 +94,24 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     if _has(table, "val_acc") and _has(table, "bound"):
         agreement = selection.ranking_agreement(table, "bound", "val_acc")
         lines.append(f"Ranking agreement, Kendall τ(bound, val_acc): {agreement:.3f}")
+    lines += _warnings(table, criterion)
     return "\n".join(lines)
+
+
+def _warnings(table: pd.DataFrame, criterion: str) -> list[str]:
+    """Why a pick on the user's own sweep should not be trusted, when the data say so."""
+    out = []
+    if "val_acc_corr_fallback" in table and (pd.to_numeric(table["val_acc_corr_fallback"]) > 0).any():
+        out.append(
+            "warning: the noise matrix F these trials used is ill-conditioned (cond > 10), so val_acc_corr "
+            "is plain val_acc here: inverting F would amplify its errors (docs/transition.md)"
+        )
+    if criterion == "measure":
+        out.append(
+            "warning: measure alone predicts the generalization gap, not accuracy: its pick may be a trial "
+            "that barely trained (compare its train_acc); prefer val_band_bound or bound to pick a model"
+        )
+    return out
 
 
 def _finite(column: pd.Series) -> np.ndarray:

@@ -156,7 +156,14 @@ for _builtin in (
         "min",
         "lowest Hessian generalization bound B = train loss + sqrt(C)*M (Ju et al. 2022); needs no validation split",
     ),
-    Criterion("measure", "measure", "min", "lowest Hessian distance measure M (label-free)"),
+    Criterion(
+        "measure",
+        "measure",
+        "min",
+        "lowest Hessian distance measure M (label-free): M predicts the generalization gap, not accuracy; a "
+        "trial that barely moved from the pretrained weights has M near 0 and wins, so rank gaps with it and "
+        "pick models with another criterion",
+    ),
     Criterion(
         "val_acc",
         "val_acc",
@@ -669,10 +676,11 @@ for _study in (
         "val_acc_corr",
         "max",
         "highest bias-corrected noisy-validation accuracy mean (F^-1)[noisy label, prediction], unbiased for the "
-        "clean accuracy when the noise matrix F is right (trials report it when their task knows F); not "
+        "clean accuracy when the noise matrix F is right (injected and revealed, else estimated); where F is "
+        "ill-conditioned (cond > 10) trials report plain val_acc instead and the report says so; not "
         "Hessian-based; ties broken by lower val_loss, then lower bound",
         tie_breakers=(("val_loss", "min"), ("bound", "min")),
-        needs="trials whose task knows the noise matrix F (injected noise, --noise) and has a validation split",
+        needs="trials with a validation split (they report it with the noise matrix F they used)",
     ),
     Criterion(
         "bound_floor",
