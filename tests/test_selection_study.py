@@ -176,8 +176,13 @@ def test_fashion_study_smoke_estimates_f_and_never_hands_a_criterion_the_true_f(
     preset = dataclasses.replace(PRESETS["smoke"], name="fashion-smoke", base=base)
     out = tmp_path / "fashion-smoke"
     assert run_jobs(jobs(preset), out / "runs.jsonl", workers=1, log=lambda _: None) == 4
-    analysis.analyze(out, stores=[out / "runs.jsonl"], figures=None)
+    lines = analysis.analyze(out, stores=[out / "runs.jsonl"], figures=None)
     trials = pd.read_csv(out / "trials.csv")
+    tables = (out / "tables.md").read_text()
+    assert "## Mean and worst regime" in tables and "## What estimating F cost" in tables
+    keys = dict(line.split(": ", 1) for line in lines if line.startswith("fashion_"))
+    assert float(keys["fashion_f_error_noise40"]) == pytest.approx(trials["f_error"].mean(), abs=1e-4)
+    assert {"fashion_regret_default_noise40_symmetric", "fashion_worst_regret_default_minus_val"} <= set(keys)
     assert set(trials["transition"]) == {"estimated:confident"} and trials["f_error"].between(0, 1).all()
     true_h = noise_entropy(symmetric_transition(5, 0.4))
     assert np.allclose(trials["trueF_noise_entropy"], true_h) and not np.allclose(trials["noise_entropy"], true_h)

@@ -28,6 +28,7 @@ from scipy import stats as sps
 
 from tuning.selection import granulated_kendall, kendall_tau, partial_kendall, spearman_rho
 
+from . import estimated_f as ef
 from .criteria import (
     CRITERIA,
     REFERENCES,
@@ -112,12 +113,14 @@ COLUMNS = [
 ESTIMATED_F_COLUMNS = [
     "transition",
     "f_error",
+    "F_cond",
     *(
         f"trueF_{c}"
         for c in (
             "noise_entropy",
             "noise_acc",
             "F_min",
+            "F_cond",
             "bound",
             "bound_loss",
             "bound_C",
@@ -157,7 +160,7 @@ def write_trials(out: Path, stores: list[Path], raw_dirs: list[Path] = ()) -> pd
     for col in COLUMNS:
         if col not in frame.columns:
             frame[col] = np.nan
-    kept = COLUMNS + [c for c in ESTIMATED_F_COLUMNS if c in frame.columns]
+    kept = COLUMNS + ([c for c in ESTIMATED_F_COLUMNS if c in frame.columns] if "transition" in frame else [])
     frame = frame[kept].sort_values(["setting", "size", "seed", "arm", "run", "epochs"]).reset_index(drop=True)
     frame.to_csv(out / "trials.csv", index=False, float_format="%.6g")
     return load_trials(out / "trials.csv")
@@ -182,12 +185,20 @@ def load_trials(path: Path) -> pd.DataFrame:
                 continue
             noisy, h = labels_from_text(entry["val_noisy"]), labels_from_text(pred)
             k = int(max(noisy.max(), h.max())) + 1
-            inv = np.eye(k) if entry["F"] is None else np.linalg.inv(np.asarray(entry["F"]))
+            inv = np.eye(k) if entry["F"] is None else _inverse(np.asarray(entry["F"]))
             scores.append(inv[noisy, h])
             pairs.append((noisy, h))
         frame["val_scores"] = scores
         frame["val_labels_pred"] = pairs  # (noisy val labels, predictions): criteria that estimate F
     return frame
+
+
+def _inverse(matrix: np.ndarray) -> np.ndarray:
+    """F⁻¹; an estimated F can be singular: plain correctness (I) then, as the product's guard gives."""
+    try:
+        return np.linalg.inv(matrix)
+    except np.linalg.LinAlgError:
+        return np.eye(len(matrix))
 
 
 def complete_searches(frame: pd.DataFrame) -> pd.DataFrame:
@@ -406,6 +417,19 @@ SETTING_ORDER = [
     "correlated40",
     "correlated60",
 ]
+
+
+def _residual_taus(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, size), tv arm: mean over seeds of τ(M, gap) and of τ(M's residual on the
+    hyperparameters, gap)."""
+    rows = []
+    for key, group in _searches(frame):
+        if key[3] != "tv":
+            continue
+        rows.append({"setting": key[0], "size": key[1], "tau": kendall_tau(group["measure"], group["gap"]),
+                     "residual_tau": ef.residual_tau(group)})
+    out = pd.DataFrame(rows)
+    return out.groupby(["setting", "size"], sort=False)[["tau", "residual_tau"]].mean().reset_index() if rows else out
 
 
 def _setting_rank(setting: str) -> int:
@@ -921,6 +945,10 @@ def analyze(
     existing = [store for store in stores if store.is_file()]
     frame = write_trials(out, existing, list(raw_dirs)) if existing else load_trials(trials_path)
     frame = complete_searches(frame)
+    estimated = ef.is_estimated(frame)
+    if estimated:  # criteria see what the product would give them: the guarded estimate
+        frame = ef.guarded(frame)
+        subsearch_k = None  # searches of 6 runs: a sub-search of 6 is the search
     corr = correlation_table(frame)
     table = selection_table(frame)
     summ = summarise(table)
@@ -999,6 +1027,14 @@ def analyze(
                 parts.append(f"| {c} | " + " | ".join(cells) + " |")
             parts.append("")
     keys = key_lines(corr, table, nv)
+    if estimated:
+        true_table = selection_table(ef.true_f_frame(frame, out / "val_labels.json"))
+        cost = ef.estimation_cost(table, true_table)
+        residual = _residual_taus(frame)
+        parts += [ef.markdown(summ, cost, ef.f_error_table(frame), residual, [*KEY_CRITERIA, "val_acc_corr",
+                                                                          "val_corr_band_bound", "val_acc_eb"]), ""]
+        keys = [*keys, *ef.key_lines(corr, summ, table, nv, frame)]
+        cost.to_csv(out / "estimation_cost.csv", index=False, float_format="%.4g")
     blocks = {
         "key-regret": key_regret_markdown(summ),
         "correlations": correlation_summary_markdown(corr, frame),

@@ -1,0 +1,247 @@
+"""What a study with an *estimated* noise matrix adds (``task.noise.reveal=false``: Fashion-MNIST).
+
+Every criterion of such a study reads only the estimate: the runner computed B, its C,
+``noise_entropy``, ``noise_acc``, ``val_acc_corr`` and the validation scores from it, and keeps
+the same columns computed with the true F under the prefix ``trueF_`` for evaluation. This module
+turns that into:
+
+- the product's guard (:func:`guarded`): ``val_acc_corr`` and the F-corrected validation scores
+  fall back to plain noisy validation accuracy where F is ill-conditioned, as trials do;
+- regret per criterion over *regimes* (noise setting × size): the mean and the **worst** regime
+  (Dziugaite et al. 2020: averages hide the failures);
+- the estimation error ``f_error`` per regime, and what each F-reading criterion loses from the
+  estimate (its regret with the estimate minus its regret with the true F on the same searches);
+- M's Kendall τ with the gap after regressing M on the swept hyperparameters (Andriushchenko et
+  al. 2023: sharpness may only track the hyperparameters);
+- the issue's ``fashion_*`` KEY lines (regret in points of clean test accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainables.noise import CORRECTION_MAX_COND
+from tuning.selection import kendall_tau
+
+from .criteria import bound_floor, guard_excess
+
+__all__ = [
+    "TRUE_F_PREFIX",
+    "estimation_cost",
+    "f_error_table",
+    "guarded",
+    "is_estimated",
+    "key_lines",
+    "markdown",
+    "regime_summary",
+    "residual_tau",
+    "true_f_frame",
+]
+
+TRUE_F_PREFIX = "trueF_"
+DEFAULT = "val_band_bound"  # the product's default selection with a validation split
+NOSPLIT_DEFAULT = "bound"  # … and without one
+SEARCH = ["setting", "size", "seed", "arm"]
+
+
+def is_estimated(frame: pd.DataFrame) -> bool:
+    """Whether the study's runs used an estimated F (their rows say which F they used)."""
+    return "transition" in frame and frame["transition"].astype(str).str.startswith("estimated").any()
+
+
+def guarded(frame: pd.DataFrame, cond_column: str = "F_cond") -> pd.DataFrame:
+    """The product's guard: where F's condition number exceeds CORRECTION_MAX_COND, val_acc_corr
+    is plain val_acc and the per-sample corrected scores are plain correctness."""
+    out = frame.copy()
+    if cond_column not in out:
+        return out
+    unstable = pd.to_numeric(out[cond_column], errors="coerce").to_numpy(float) > CORRECTION_MAX_COND
+    out["val_acc_corr_fallback"] = unstable.astype(float)
+    out.loc[unstable, "val_acc_corr"] = out.loc[unstable, "val_acc"]
+    if "val_labels_pred" in out:
+        out["val_scores"] = [
+            (pair[0] == pair[1]).astype(float) if bad and pair is not None else scores
+            for bad, pair, scores in zip(unstable, out["val_labels_pred"], out["val_scores"], strict=True)
+        ]
+    return out
+
+
+def true_f_frame(frame: pd.DataFrame, labels_path: Path) -> pd.DataFrame:
+    """The same candidates with every F-reading column computed from the true F (evaluation only)."""
+    out = frame.copy()
+    for col in [c for c in frame.columns if c.startswith(TRUE_F_PREFIX)]:
+        out[col.removeprefix(TRUE_F_PREFIX)] = frame[col]
+    if labels_path.is_file() and "val_labels_pred" in out:
+        labels = json.loads(labels_path.read_text())
+        scores = []
+        for search, pair in zip(out["search"], out["val_labels_pred"], strict=True):
+            true_f = labels.get(search, {}).get("true_F")
+            if pair is None or true_f is None:
+                scores.append(None)
+                continue
+            scores.append(np.linalg.inv(np.asarray(true_f))[pair[0], pair[1]])
+        out["val_scores"] = scores
+    out["bound_floor"] = bound_floor(out)
+    out["guard_excess"] = guard_excess(out)
+    return guarded(out, cond_column=f"{TRUE_F_PREFIX}F_cond")
+
+
+def regime_summary(summary: pd.DataFrame, arm: str = "tv") -> pd.DataFrame:
+    """Per criterion: the mean over regimes (setting × size) of the seed-mean regret, the worst
+    regime's seed-mean regret and which regime it is (points of clean test accuracy)."""
+    s = summary[(summary["arm"] == arm) & summary["mean"].notna()]
+    rows = []
+    for criterion, group in s.groupby("criterion", sort=False):
+        worst = group.loc[group["mean"].idxmax()]
+        rows.append(
+            {
+                "criterion": criterion,
+                "mean": 100 * float(group["mean"].mean()),
+                "worst": 100 * float(worst["mean"]),
+                "worst_regime": f"{worst['setting']} {worst['size']}",
+                "regimes": len(group),
+            }
+        )
+    return pd.DataFrame(rows).sort_values("worst").reset_index(drop=True)
+
+
+def f_error_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean (over seeds and arms) and worst ‖F̂ − F‖_max per regime, one value per search."""
+    per_search = frame.groupby(SEARCH, sort=False)["f_error"].first().reset_index()
+    return (
+        per_search.groupby(["setting", "size"], sort=False)["f_error"]
+        .agg(["mean", "max", "count"])
+        .reset_index()
+        .rename(columns={"count": "searches"})
+    )
+
+
+def estimation_cost(table: pd.DataFrame, table_true: pd.DataFrame, arm: str = "tv") -> pd.DataFrame:
+    """Per criterion whose picks depend on F: mean regret with the estimate, with the true F, and
+    the difference (points; positive: estimating F cost that much), per noise kind and overall."""
+    keys = [*SEARCH, "criterion"]
+    est = table[table["arm"] == arm].set_index(keys)["regret"]
+    true = table_true[table_true["arm"] == arm].set_index(keys)["regret"]
+    both = pd.DataFrame({"estimated": est, "true": true}).dropna().reset_index()
+    both["kind"] = both["setting"].str.rstrip("0123456789")
+    changed = both.groupby("criterion").apply(lambda g: bool((g["estimated"] - g["true"]).abs().gt(1e-12).any()))
+    both = both[both["criterion"].isin(changed[changed].index)]
+    rows = [_cost_row(criterion, kind, g) for (criterion, kind), g in both.groupby(["criterion", "kind"])]
+    for criterion, g in both.groupby("criterion"):
+        rows.append(_cost_row(criterion, "all", g))
+    return pd.DataFrame(rows)
+
+
+def _cost_row(criterion: str, kind: str, g: pd.DataFrame) -> dict[str, Any]:
+    return {
+        "criterion": criterion,
+        "kind": kind,
+        "estimated": 100 * float(g["estimated"].mean()),
+        "true": 100 * float(g["true"].mean()),
+        "cost": 100 * float((g["estimated"] - g["true"]).mean()),
+        "searches": len(g),
+    }
+
+
+HYPERPARAMETERS = ("lr", "constraint_radius", "constraint_growth", "nso_sigma", "self_label", "epochs")
+
+
+def residual_tau(group: pd.DataFrame, measure: str = "measure", target: str = "gap") -> float:
+    """Kendall τ between the gap and the part of M the hyperparameters do not explain: M's
+    residual after a least-squares fit on log lr, each method's on/off and log strength, and epochs."""
+    cols = [np.ones(len(group))]
+    for name in HYPERPARAMETERS:
+        values = pd.to_numeric(group[name], errors="coerce").to_numpy(float)
+        present = np.isfinite(values)
+        if name in ("lr", "constraint_radius", "nso_sigma"):
+            values = np.log(np.where(present & (values > 0), values, 1.0))
+        if name not in ("lr", "epochs", "self_label"):
+            cols.append(present.astype(float))  # the method is on
+        cols.append(np.where(present, values, 0.0))
+    x, y = np.column_stack(cols), group[measure].to_numpy(float)
+    ok = np.isfinite(y)
+    if ok.sum() <= x.shape[1] + 2:
+        return math.nan
+    coef, *_ = np.linalg.lstsq(x[ok], y[ok], rcond=None)
+    residual = pd.Series(np.where(ok, y - x @ coef, np.nan), index=group.index)
+    return kendall_tau(residual, group[target])
+
+
+def key_lines(
+    corr: pd.DataFrame, summary: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame, frame: pd.DataFrame
+) -> list[str]:
+    """The ``fashion_*`` KEY lines: means over seeds (and sizes, where a line has no size), regret
+    in points of clean test accuracy, F error as ‖F̂ − F‖_max."""
+    out: dict[str, float | str] = {}
+    tv40 = corr[(corr["arm"] == "tv") & corr["setting"].str.endswith("40")]
+    out["fashion_kendall_tau_measure_gap_noise40"] = float(tv40["tau/measure/gap"].mean())
+    t = table[(table["arm"] == "tv") & table["regret"].notna()]
+    for kind in ("symmetric", "pair", "correlated"):
+        s = t[t["setting"] == f"{kind}40"]
+        out[f"fashion_regret_default_noise40_{kind}"] = 100 * float(s[s["criterion"] == DEFAULT]["regret"].mean())
+        out[f"fashion_regret_val_noisy_noise40_{kind}"] = 100 * float(s[s["criterion"] == "val_acc"]["regret"].mean())
+    regimes = regime_summary(summary).set_index("criterion")
+    if {DEFAULT, "val_acc"} <= set(regimes.index):
+        out["fashion_worst_regret_default_minus_val"] = float(
+            regimes.loc[DEFAULT, "worst"] - regimes.loc["val_acc", "worst"]
+        )
+        mean_delta = regimes.loc[DEFAULT, "mean"] - regimes.loc["val_acc", "mean"]
+        out["fashion_mean_regret_default_minus_val"] = float(mean_delta)
+    pool = table[(table["arm"] == "pool") & table["regret"].notna()]
+    for kind in ("symmetric", "pair", "correlated"):
+        p = pool[(pool["setting"] == f"{kind}40") & (pool["criterion"] == NOSPLIT_DEFAULT)]
+        if not p.empty:
+            out[f"fashion_regret_nosplit_hessian_noise40_{kind}"] = 100 * float(p["regret"].mean())
+        if not nv.empty:
+            n = nv[nv["setting"] == f"{kind}40"]
+            hess = n[n["procedure"] == f"(a) {NOSPLIT_DEFAULT} on pool"]["acc"]
+            refit = n[n["procedure"] == "(c) val_acc → retrain on pool"]["acc"]
+            if len(hess) and len(refit):
+                out[f"fashion_nosplit_hessian_minus_refit_noise40_{kind}"] = 100 * float(hess.mean() - refit.mean())
+    searches = frame.groupby(SEARCH)["f_error"].first().reset_index()
+    out["fashion_f_error_noise40"] = float(searches[searches["setting"].str.endswith("40")]["f_error"].mean())
+    return [f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()]
+
+
+def markdown(
+    summary: pd.DataFrame, cost: pd.DataFrame, f_errors: pd.DataFrame, residual: pd.DataFrame, criteria: list[str]
+) -> str:
+    """The estimated-F sections of tables.md."""
+    reg = regime_summary(summary)
+    reg = reg[reg["criterion"].isin(criteria)]
+    lines = [
+        "## Mean and worst regime (tv arm; points of clean test accuracy)",
+        "",
+        "Each regime is one noise setting × training size; its value is the mean regret over seeds.",
+        "",
+        "| criterion | mean over regimes | worst regime | which | regimes |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.criterion} | {r.mean:.1f} | {r.worst:.1f} | {r.worst_regime} | {r.regimes} |" for r in reg.itertuples()
+    ]
+    lines += ["", "## Estimation error of F (‖F̂ − F‖_max, one value per search)", "",
+              "| setting | size | mean | worst | searches |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r.setting} | {r.size} | {r.mean:.3f} | {r.max:.3f} | {r.searches} |" for r in f_errors.itertuples()
+    ]
+    lines += ["", "## What estimating F cost each criterion that reads it (tv arm; points)", "",
+              "Regret with the estimate minus regret with the true F, on the same candidates.", "",
+              "| criterion | noise | regret, estimated F | regret, true F | cost | searches |",
+              "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r.criterion} | {r.kind} | {r.estimated:.1f} | {r.true:.1f} | {r.cost:+.1f} | {r.searches} |"
+        for r in cost.itertuples()
+    ]
+    lines += ["", "## M against the gap once the hyperparameters are regressed out (tv arm)", "",
+              "| setting | size | τ(M, gap) | τ(residual M, gap) |", "|---|---|---|---|"]
+    lines += [
+        f"| {r.setting} | {r.size} | {r.tau:.2f} | {r.residual_tau:.2f} |" for r in residual.itertuples()
+    ]
+    return "\n".join(lines)
