@@ -125,6 +125,29 @@ def test_confidence_interval_is_a_t_interval() -> None:
     assert half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
 
 
+def test_val_acc_smooth_prefers_a_steady_run_to_one_lucky_checkpoint() -> None:
+    frame = pd.DataFrame(
+        {
+            "run": [0, 0, 0, 1, 1, 1],
+            "epochs": [2, 4, 6, 2, 4, 6],
+            "val_acc": [0.50, 0.70, 0.50, 0.66, 0.68, 0.66],
+            "n_val": [100] * 6,
+        }
+    )
+    np.testing.assert_allclose(criteria.smoothed_val_acc(frame), [0.6, 0.5667, 0.6, 0.67, 0.6667, 0.67], atol=1e-4)
+    assert list(criteria.pick("val_acc", frame)) == [1]
+    assert list(criteria.pick("val_acc_smooth", frame)) == [3, 5]  # the steady run, not the spike at 1
+
+
+def test_val_acc_clean_sets_aside_labels_the_consensus_contradicts() -> None:
+    noisy = np.array([0, 1, 2, 0, 1])
+    preds = np.array([[0, 1, 1, 0, 1], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 1]])
+    frame = pd.DataFrame({"val_labels_pred": [(noisy, p) for p in preds], "val_acc": (preds == noisy).mean(1)})
+    # sample 2 (label 2, all five predict 1) is set aside; sample 4 splits 3/2: kept
+    np.testing.assert_allclose(criteria.cleaned_val_acc(frame), [1.0, 0.75, 0.75, 0.75, 1.0])
+    assert list(criteria.pick("val_acc_clean", frame.assign(n_val=5))) == [0, 4]
+
+
 # --------------------------------------------------------------------------- smoke run
 
 

@@ -58,7 +58,7 @@ Why each candidate (the theory in one or two lines; docs/results.md has the numb
   test whether the top candidate's disagreements with the noisy labels are spread evenly over the
   other classes (χ², α = 0.01 a priori) and use ``val_band_bound`` only when they are not,
   ``val_acc`` otherwise (``noise_switch``).
-- ``val_acc_eb`` (new, session 4, specified before it was scored): empirical-Bayes shrinkage.
+- ``val_acc_eb`` (new, specified before it was scored): empirical-Bayes shrinkage.
   Noisy-validation accuracy is unbiased but noisy; the Hessian features predict part of it, so
   estimate each candidate's population validation accuracy μ from both. Model: observed
   accuracies y = μ + e with e ~ N(0, S), S the paired sampling covariance of the candidates'
@@ -66,6 +66,19 @@ Why each candidate (the theory in one or two lines; docs/results.md has the numb
   X = [1, train accuracy, M] standardised. β is the GLS fit and τ maximises the marginal
   likelihood (a grid); pick the highest posterior mean Xβ + τ²(τ²I + S)⁻¹(y − Xβ). Where the
   features predict well it trusts them, where they do not it falls back to y.
+- ``val_acc_smooth`` (new, specified before it was scored, docs/results.md "Fashion-MNIST"): the
+  raw arg-max over many noisy validation scores suffers the winner's curse. A candidate's clean
+  accuracy moves little between adjacent checkpoints of its run, while the validation score's
+  churn (which samples flip) is partly independent, so smooth along the epochs axis: each
+  candidate's score is the mean validation accuracy of its run at its own and the adjacent
+  checkpoints (window of 3, 2 at the ends); pick the highest, ties by raw validation accuracy.
+  No constant is tuned.
+- ``val_acc_clean`` (new, specified before it was scored): confident-learning-style cleaning of
+  the validation split without probabilities or F: a validation sample is set aside when at least
+  CLEAN_AGREEMENT = 0.8 (a priori) of the search's candidates predict one class and it is not the
+  sample's noisy label; pick the highest accuracy on the rest (ties by raw validation accuracy).
+  Under class-conditional noise the kept set carries a smaller share of wrong labels, so a given
+  clean-accuracy difference moves the score more; the cost is a bias toward the consensus.
 
 Baselines: ``val_acc`` (noisy-validation accuracy, the reference), ``val_loss``, ``val_bound_loss``
 (B's own loss on the noisy validation labels: a held-out estimate of what B bounds),
@@ -95,11 +108,13 @@ __all__ = [
     "TUNED",
     "Spec",
     "bound_floor",
+    "cleaned_val_acc",
     "consensus_transition",
     "delivered",
     "empirical_bayes_val",
     "guard_excess",
     "pick",
+    "smoothed_val_acc",
     "structure_p_value",
 ]
 
@@ -262,6 +277,46 @@ def empirical_bayes_val(frame: pd.DataFrame) -> np.ndarray:
     return best[1]
 
 
+CLEAN_AGREEMENT = 0.8  # a-priori: the share of candidates that must agree to set a validation label aside
+
+
+def smoothed_val_acc(frame: pd.DataFrame) -> np.ndarray:
+    """val_acc_smooth's scores: each candidate's run's mean validation accuracy over its own and the
+    adjacent recorded checkpoints."""
+    acc = _col(frame, "val_acc")
+    out = np.full(len(frame), np.nan)
+    for _, rows in frame.groupby("run").groups.items():
+        order = sorted(rows, key=lambda i: frame.at[i, "epochs"])
+        for pos, i in enumerate(order):
+            window = order[max(pos - 1, 0) : pos + 2]
+            out[frame.index.get_loc(i)] = float(np.mean(acc[[frame.index.get_loc(j) for j in window]]))
+    return out
+
+
+def cleaned_val_acc(frame: pd.DataFrame, agreement: float = CLEAN_AGREEMENT) -> np.ndarray:
+    """val_acc_clean's scores: accuracy on the validation samples whose noisy label the candidates'
+    consensus does not contradict (NaN without recorded predictions)."""
+    data = _labels_and_predictions(frame)
+    if data is None:
+        return np.full(len(frame), np.nan)
+    noisy, predictions = data
+    k = int(max(noisy.max(), predictions.max())) + 1
+    votes = np.stack([np.bincount(column, minlength=k) for column in predictions.T])  # [n_val, k]
+    consensus, share = votes.argmax(1), votes.max(1) / len(predictions)
+    keep = ~((share >= agreement) & (consensus != noisy))
+    if not keep.any():
+        return np.full(len(frame), np.nan)
+    return (predictions[:, keep] == noisy[keep]).mean(1)
+
+
+def _top_with_val_ties(frame: pd.DataFrame, scores: np.ndarray) -> np.ndarray:
+    best = _argmin(-scores)
+    if len(best) <= 1:
+        return best
+    acc = _col(frame, "val_acc")[best]
+    return best[acc == acc.max()]
+
+
 def binomial_band(frame: pd.DataFrame, z: float = BAND_Z) -> np.ndarray:
     """Unpaired version (what a sweep can compute from reported val_acc alone): val_acc within
     z binomial standard errors √(a(1−a)/n_val) of the best a."""
@@ -386,6 +441,15 @@ CRITERIA: dict[str, tuple[Spec, _Picker]] = {
         Spec("val_acc_eb", True, True, "max empirical-Bayes val accuracy: val_acc shrunk toward a GLS fit on "
              "train accuracy and M"),
         lambda f, _: _argmin(-empirical_bayes_val(f)),
+    ),
+    "val_acc_smooth": (
+        Spec("val_acc_smooth", False, True, "max val accuracy smoothed over the run's adjacent checkpoints"),
+        lambda f, _: _top_with_val_ties(f, smoothed_val_acc(f)),
+    ),
+    "val_acc_clean": (
+        Spec("val_acc_clean", False, True, "max val accuracy on samples whose label the candidates' 80 % "
+             "consensus does not contradict"),
+        lambda f, _: _top_with_val_ties(f, cleaned_val_acc(f)),
     ),
 }
 REFERENCES: dict[str, tuple[Spec, _Picker]] = {
