@@ -139,7 +139,7 @@ def test_unknown_model_name() -> None:
 def test_source_model_is_pretrained_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, int, tuple[int, ...]]] = []
 
-    def fake_pretrain(name: str, source: Any, recipe: dict[str, Any]) -> nn.Module:
+    def fake_pretrain(name: str, source: Any, recipe: dict[str, Any], **_: Any) -> nn.Module:
         calls.append((name, int(source.x.shape[-1]), source.classes))
         torch.manual_seed(1)
         return timm.create_model(name, num_classes=len(source.classes)).eval()

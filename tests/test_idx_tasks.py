@@ -92,6 +92,7 @@ def test_source_pretraining_on_idx_reports_source_accuracy_and_probes(
     assert report["source_test_n"] == 50 and report["source_test_acc"] > 0.5  # chance: 0.2
     assert {"probe_acc", "probe_acc_random", "seconds"} <= set(report)
     assert "source test accuracy" in messages[-1] and f"{report['source_test_acc']:.3f}" in messages[-1]
+    assert any("source pretraining: epoch 12/12" in m for m in messages)  # progress on long work
 
 
 # -- bad input: one ConfigError naming the problem ---------------------------------------------------

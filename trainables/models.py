@@ -173,7 +173,7 @@ def ensure_source_model(name: str, task: TaskConfig, *, log: Callable[[str], Non
     log(f"pretraining {name} on the source classes {list(source.classes)} of {task.name} "
         f"({len(source.y)} images), once; cached at {path}")
     tic = time.perf_counter()
-    model = _pretrain_source(name, source, source_recipe(task))
+    model = _pretrain_source(name, source, source_recipe(task), log=log)
     report = {"seconds": round(time.perf_counter() - tic, 1), **source_report(name, model, source, task)}
     save_weights(model.state_dict(), path)
     path.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
@@ -193,7 +193,9 @@ def describe_source_report(report: dict[str, Any]) -> str:
     )
 
 
-def _pretrain_source(name: str, source: Any, recipe: dict[str, Any]) -> nn.Module:
+def _pretrain_source(
+    name: str, source: Any, recipe: dict[str, Any], *, log: Callable[[str], None] = lambda _: None
+) -> nn.Module:
     gen = torch.Generator().manual_seed(int(recipe["seed"]))
     torch.manual_seed(int(recipe["seed"]))
     model = _timm_model(name, len(source.classes))
@@ -201,7 +203,8 @@ def _pretrain_source(name: str, source: Any, recipe: dict[str, Any]) -> nn.Modul
     epochs, batch = int(recipe["epochs"]), int(recipe["batch_size"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) if recipe.get("schedule") == "cosine" else None
     model.train()
-    for _ in range(epochs):
+    tic = time.perf_counter()
+    for epoch in range(1, epochs + 1):
         batches = torch.randperm(len(source.y), generator=gen).split(batch)
         if recipe.get("drop_last") and len(batches[-1]) < batch:
             batches = batches[:-1]  # a tiny last batch would skew BatchNorm's running statistics
@@ -211,6 +214,8 @@ def _pretrain_source(name: str, source: Any, recipe: dict[str, Any]) -> nn.Modul
             opt.step()
         if sched is not None:
             sched.step()
+        if epoch in (1, epochs) or epoch % max(epochs // 4, 1) == 0:  # a few lines, not one per epoch
+            log(f"  source pretraining: epoch {epoch}/{epochs} ({time.perf_counter() - tic:.0f} s)")
     return model.eval()
 
 

@@ -747,6 +747,8 @@ ORDER = [
     "noise_switch",
     "val_acc_corr_vote",
     "val_acc_eb",
+    "val_acc_smooth",
+    "val_acc_clean",
     "val_bound_loss",
     "bound",
     "bound_floor",
