@@ -306,11 +306,18 @@ def _restrict(pool: _Pool, classes: Sequence[int], role: str, name: str) -> _Poo
     if empty:
         raise ConfigError(f"task {name!r}: {role} class {empty[0]} has no images; list only classes with data")
     keep = remap[pool.y] >= 0
-    out = _Pool(pool.x[torch.from_numpy(keep)], remap[pool.y[keep]], len(classes))
+    out = _Pool(_take(pool.x, keep), remap[pool.y[keep]], len(classes))
     if pool.test_x is not None and pool.test_y is not None:
         test_keep = remap[pool.test_y] >= 0
-        out.test_x, out.test_y = pool.test_x[torch.from_numpy(test_keep)], remap[pool.test_y[test_keep]]
+        out.test_x, out.test_y = _take(pool.test_x, test_keep), remap[pool.test_y[test_keep]]
     return out
+
+
+def _take(x: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """``x[mask]``; a grey image expanded to three channels (IDX) stays one channel in memory."""
+    if x.shape[1] == 3 and x.stride(1) == 0:
+        return x[:, :1][torch.from_numpy(mask)].expand(-1, 3, -1, -1)
+    return x[torch.from_numpy(mask)]
 
 
 @dataclass

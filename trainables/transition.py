@@ -65,14 +65,9 @@ def out_of_fold_probabilities(feats: np.ndarray, noisy: np.ndarray, k: int, *, s
     folds = min(FOLDS, int(np.bincount(noisy, minlength=k).min()))
     if folds < 2:  # a noisy class with one sample: no out-of-fold fit is possible
         return np.full((len(noisy), k), 1.0 / k)
-    best, best_loss = None, np.inf
-    for c in PROBE_C:
-        probs = _out_of_fold(feats, noisy, k, folds, c, seed)
-        loss = -np.log(np.clip(probs[np.arange(len(noisy)), noisy], 1e-12, None)).mean()
-        if loss < best_loss:
-            best, best_loss = probs, loss
-    assert best is not None
-    return best
+    fits = [_out_of_fold(feats, noisy, k, folds, c, seed) for c in PROBE_C]
+    losses = [-np.log(np.clip(p[np.arange(len(noisy)), noisy], 1e-12, None)).mean() for p in fits]
+    return fits[int(np.argmin(losses))]
 
 
 def _out_of_fold(feats: np.ndarray, noisy: np.ndarray, k: int, folds: int, c: float, seed: int) -> np.ndarray:
