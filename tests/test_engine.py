@@ -360,3 +360,17 @@ def test_the_final_epoch_records_which_validation_samples_the_model_gets_right(t
     correct = (loop.predict(model, task.val.x).argmax(1) == task.val.labels).numpy()
     np.testing.assert_array_equal(bits[: len(task.val)].astype(bool), correct)
     assert correct.mean() == pytest.approx(results[-1].metrics["val_acc"])
+
+
+def test_evaluating_only_some_epochs_trains_the_same_model(task: TaskData) -> None:
+    """The study evaluates its checkpoints only: the evaluated epochs' numbers must be exactly
+    those of a run that evaluates every epoch."""
+    cfg = config(epochs=3, **FULL)
+    every = train_to_end(cfg, data=task, log=lambda _: None)
+    some = train_to_end(cfg, data=task, log=lambda _: None, evaluate_at=(2,))
+    assert "test_acc" not in some[0].metrics and "train_objective" in some[0].metrics
+    for i in (1, 2):  # epoch 2 (asked for) and 3 (the last, always)
+        untimed = {k: v for k, v in every[i].metrics.items() if k not in TIMING}
+        assert untimed == pytest.approx(
+            {k: v for k, v in some[i].metrics.items() if k not in TIMING}, rel=0, abs=0, nan_ok=True
+        )

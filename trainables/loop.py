@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,17 +301,22 @@ def fine_tune(
     data: TaskData | None = None,
     resume: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    evaluate_at: Collection[int] | None = None,
 ) -> Iterator[EpochResult]:
-    """Fine-tune per ``cfg``, yielding after every epoch; resume from a checkpoint state."""
+    """Fine-tune per ``cfg``, yielding after every epoch; resume from a checkpoint state.
+
+    ``evaluate_at``: the epochs whose evaluation metrics (losses, accuracies, gap, distances) are
+    computed — every epoch when None, the last one always. Evaluation changes no state, so the
+    other epochs' training is the same either way; the selection study evaluates its checkpoints only."""
     cfg.validate()
     data = data if data is not None else load_task(cfg.task)
     run = _prepare(cfg, data, log)
     start = _restore(run, resume) + 1 if resume else 1
     for epoch in range(start, cfg.epochs + 1):
-        yield _run_epoch(run, epoch)
+        yield _run_epoch(run, epoch, evaluate_at is None or epoch in evaluate_at)
 
 
-def _run_epoch(run: _Run, epoch: int) -> EpochResult:
+def _run_epoch(run: _Run, epoch: int, evaluated: bool = True) -> EpochResult:
     cfg = run.cfg
     run.passes[:] = [0, 0]
     steps_before = run.steps
@@ -328,8 +333,8 @@ def _run_epoch(run: _Run, epoch: int) -> EpochResult:
         "forward_passes_per_step": run.passes[0] / steps,
         "backward_passes_per_step": run.passes[1] / steps,
         "lr": float(run.optimizer.param_groups[0]["lr"]),
-        **evaluate(run, records if final else None),
-        **_distances(run),
+        **(evaluate(run, records if final else None) if evaluated or final else {}),
+        **(_distances(run) if evaluated or final else {}),
     }
     for reg in run.regs:
         metrics.update(reg.end_epoch(epoch))

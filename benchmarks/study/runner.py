@@ -267,7 +267,7 @@ def record_run(
     rows, raws = [], {}
     tic = time.perf_counter()
     try:
-        for result in fine_tune(cfg, data=data, log=log):
+        for result in fine_tune(cfg, data=data, log=log, evaluate_at=job.checkpoints):
             if result.epoch not in job.checkpoints:
                 continue
             train_s = time.perf_counter() - tic
