@@ -428,3 +428,20 @@ def test_published_key_lines_match_the_stored_summary() -> None:
         "bound_holds_fraction_noise40",
     ):
         assert published[key] == summary[key]
+
+
+def test_residual_tau_separates_a_measure_that_only_tracks_the_hyperparameters() -> None:
+    """M and the gap both driven by lr alone: τ(M, gap) is high, the residual τ near 0; when the
+    gap also follows what M adds beyond lr, the residual τ stays high."""
+    from benchmarks.study.estimated_f import residual_tau
+
+    rng = np.random.default_rng(0)
+    n = 200  # τ of independent residuals has sd ≈ 0.05 here
+    lr = np.exp(rng.uniform(np.log(1e-4), np.log(3e-3), n))
+    extra = rng.normal(size=n)
+    base = {"lr": lr, "constraint_radius": np.nan, "constraint_growth": np.nan, "nso_sigma": np.nan,
+            "self_label": 0.0, "epochs": rng.integers(1, 6, n).astype(float)}
+    tracking = pd.DataFrame({**base, "measure": np.log(lr) + 0.3 * extra, "gap": np.log(lr) + 0.3 * rng.normal(size=n)})
+    informative = tracking.assign(gap=np.log(lr) + 0.3 * extra)
+    assert analysis.kendall_tau(tracking["measure"], tracking["gap"]) > 0.5
+    assert abs(residual_tau(tracking)) < 0.2 and residual_tau(informative) > 0.9
