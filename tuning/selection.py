@@ -532,7 +532,7 @@ def summary(trials: TrialTable) -> dict[str, float]:
       "how much it fit", so τ partial on train loss is the more telling number);
     * ``regret_<c>``, ``expected_regret_val_acc`` (random tie-breaking); c also
       ``val_band_bound`` when the trials report ``n_val`` (:func:`add_selection_metrics`) and
-      ``val_acc_corr`` when they report it (their task knows the noise matrix);
+      ``val_acc_corr`` when they report it (every trial with a validation split does);
     * ``agreement_bound_val_acc`` and ``agreement_<c>_oracle`` (ranking quality vs test accuracy);
     * ``oracle_test_acc`` and ``n_trials``.
     """
@@ -633,7 +633,7 @@ def add_selection_metrics(
       points of regret against val_acc; unpaired −0.0). ``frame.attrs["val_band"]`` says which.
       ``n_val``: the validation size (or a ``n_val`` column). Needs ``val_acc`` and ``bound``.
     * ``bound_floor`` (when the table has ``bound_loss``, ``bound_C``, ``measure`` and H_F:
-      ``noise_entropy`` or a ``noise_entropy`` column, which trials report when their task knows F):
+      ``noise_entropy`` or a ``noise_entropy`` column, which trials report from the F they used):
       max(L̂, H_F) + √C · M, B with its loss term floored at the noise entropy
       (:func:`noise_constants`), which removes B's reward for fitting noisy labels.
     """
@@ -687,8 +687,8 @@ for _study in (
         "bound_floor",
         "min",
         "lowest B with its loss term floored at the noise entropy H_F of the noise matrix F (trials "
-        "report H_F as noise_entropy when their task knows F); no validation split needed",
-        needs="trials whose task knows the noise matrix F (injected noise, --noise): they report noise_entropy",
+        "report the H_F of the F they used, injected or estimated, as noise_entropy); no validation split needed",
+        needs="trials that report noise_entropy (every trial does, from the noise matrix it used)",
     ),
 ):
     register_criterion(_study)
