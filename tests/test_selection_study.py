@@ -268,7 +268,7 @@ def test_bound_floor_in_the_registry_matches_the_study() -> None:
     np.testing.assert_allclose(criteria.bound_floor(study)[:2], frame["bound_floor"])
     reported = add_selection_metrics(trials.assign(noise_entropy=1.2275))  # H_F as trials report it
     np.testing.assert_allclose(reported["bound_floor"], frame["bound_floor"])
-    with pytest.raises(ValueError, match="'bound_floor' needs trials whose task knows the noise matrix F"):
+    with pytest.raises(ValueError, match="'bound_floor' needs trials that report noise_entropy"):
         select(add_selection_metrics(trials), "bound_floor")
 
 
