@@ -1,4 +1,4 @@
-"""``hesstune``: sweep, report, export, train, server.
+"""hesstune: search hyperparameters for robust fine-tuning, select models by a Hessian bound.
 
 Every command validates its input first; a problem is one line on stderr naming the value and
 the fix, exit status 2, and nothing is started or written.
@@ -327,8 +327,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="injected label noise: none, symmetric:R, pair:R or correlated:R; --set task.noise.reveal=false makes "
         "the run use the noise matrix estimated from the data, as for real noise",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="training epochs per run (default 10)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="training seed: the new head's init, batch order, NSO's weight noise (default 0; the split and the "
+        "label noise use task.split_seed)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config value, e.g. optim.lr=3e-4")
 
 
@@ -343,10 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--space", help="preset (regsl, robust, nso, full, groups, baseline, smoke) or a YAML file; default full"
     )
-    s.add_argument("--trials", type=int, default=16)
-    s.add_argument("--concurrency", type=int, default=0, help="trials at once (0: as many as the resources allow)")
-    s.add_argument("--cpus-per-trial", type=float, default=1.0)
-    s.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions pack several trials on one GPU")
+    s.add_argument("--trials", type=int, default=16, help="trials to run in total (default 16)")
+    s.add_argument(
+        "--concurrency", type=int, default=0, help="trials at once (default 0: as many as the resources allow)"
+    )
+    s.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial (default 1)"
+    )
+    s.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack trials on one GPU (default 0)"
+    )
     s.add_argument("--scheduler", default="fifo", help="fifo or asha")
     s.add_argument(
         "--objective",
