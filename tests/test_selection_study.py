@@ -199,7 +199,13 @@ def test_fashion_study_smoke_estimates_f_and_never_hands_a_criterion_the_true_f(
     preset = dataclasses.replace(PRESETS["smoke"], name="fashion-smoke", base=base)
     out = tmp_path / "fashion-smoke"
     assert run_jobs(jobs(preset), out / "runs.jsonl", workers=1, log=lambda _: None) == 4
-    lines = analysis.analyze(out, stores=[out / "runs.jsonl"], figures=None)
+    doc = tmp_path / "results.md"
+    blocks = ("key-regret", "fashion-key-regret", "fashion-estimated-f", "fashion-keys")
+    doc.write_text("".join(f"<!-- begin:{b} -->\nold\n<!-- end:{b} -->\n" for b in blocks))
+    lines = analysis.analyze(out, stores=[out / "runs.jsonl"], figures=None, docs=doc)
+    spliced = doc.read_text()
+    assert "<!-- begin:key-regret -->\nold\n" in spliced  # the digits study's block stays untouched
+    assert spliced.count("\nold\n") == 1 and "fashion_f_error_noise40" in spliced
     trials = pd.read_csv(out / "trials.csv")
     tables = (out / "tables.md").read_text()
     assert "## Mean and worst regime" in tables and "## What estimating F cost" in tables

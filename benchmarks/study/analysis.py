@@ -1029,14 +1029,18 @@ def analyze(
                 parts.append(f"| {c} | " + " | ".join(cells) + " |")
             parts.append("")
     keys = key_lines(corr, table, nv)
+    extra_blocks: dict[str, str] = {}
     if estimated:
         true_table = selection_table(ef.true_f_frame(frame, out / "val_labels.json"))
         cost = ef.estimation_cost(table, true_table)
         residual = _residual_taus(frame)
-        parts += [ef.markdown(summ, cost, ef.f_error_table(frame), residual, [*KEY_CRITERIA, "val_acc_corr",
-                                                                          "val_corr_band_bound", "val_acc_eb"]), ""]
+        criteria = [*KEY_CRITERIA, "val_acc_corr", "val_corr_band_bound", "val_acc_eb", "val_acc_smooth",
+                    "val_acc_clean"]
+        extra = ef.markdown(summ, cost, ef.f_error_table(frame), residual, criteria)
+        parts += [extra, ""]
         keys = [*keys, *ef.key_lines(corr, summ, table, nv, frame)]
         cost.to_csv(out / "estimation_cost.csv", index=False, float_format="%.4g")
+        extra_blocks = {"estimated-f": extra}
     blocks = {
         "key-regret": key_regret_markdown(summ),
         "correlations": correlation_summary_markdown(corr, frame),
@@ -1045,6 +1049,8 @@ def analyze(
         "no-val": no_val_key_markdown(nv) if not nv.empty else "",
         "keys": "```\n" + "\n".join(keys) + "\n```",
     }
+    if estimated:  # the estimated-F study's blocks have their own names, never the digits study's
+        blocks = {f"fashion-{name}": body for name, body in {**blocks, **extra_blocks}.items()}
     if docs is not None and docs.is_file():
         docs.write_text(splice(docs.read_text(), blocks))
     (out / "tables.md").write_text("\n".join(parts) + "\n")
