@@ -49,7 +49,9 @@ def _analyze(args: argparse.Namespace) -> None:
     stores = [
         (Path(args.out) if args.out and len(presets) == 1 else ROOT / "results" / p) / "runs.jsonl" for p in presets
     ]
-    figures = None if args.no_figures else Path(args.figures or ROOT / "docs" / "figures")
+    # the digits study's figures sit in docs/figures; another task's in a folder of its own
+    own = ROOT / "docs" / "figures" / presets[0] if any(PRESETS[p].base for p in presets) else None
+    figures = None if args.no_figures else Path(args.figures or own or ROOT / "docs" / "figures")
     raw = getattr(args, "raw", None) or []
     raw = [raw] if isinstance(raw, str) else raw
     docs = Path(args.docs) if getattr(args, "docs", None) else None
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                 help="raw outputs of the run step: fills columns added after a run was recorded",
             )
         if name in ("analyze", "all"):
-            p.add_argument("--figures", help="figure folder (default docs/figures)")
+            p.add_argument("--figures", help="figure folder (default docs/figures; docs/figures/PRESET for a "
+                           "preset on another task, e.g. fashion)")
             p.add_argument("--no-figures", action="store_true")
             p.add_argument("--docs", help="a markdown file whose <!-- begin:NAME --> blocks get the new tables")
     args = parser.parse_args(argv)
