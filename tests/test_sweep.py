@@ -83,6 +83,7 @@ def test_one_parent_and_one_finished_child_per_trial(sweep: dict[str, object]) -
     assert set(children["status"]) == {"FINISHED"} and parent["status"].iloc[0] == "FINISHED"
     assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
     assert children["tags.hesstune.trial_id"].nunique() == 4
+    assert set(children["tags.hesstune.transition"]) == {"true"}  # the injected, revealed F (docs/transition.md)
 
 
 def test_child_runs_hold_config_params_epoch_metrics_and_final_measures(sweep: dict[str, object]) -> None:
