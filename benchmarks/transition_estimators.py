@@ -6,7 +6,9 @@
 For every noise setting, training size and seed: the task's split and noise draw, features of the
 ``source`` model, out-of-fold probabilities (trainables.transition), and each estimator's F. Prints
 the largest absolute entry error ‖F̂ − F‖_max per estimator (mean and worst over the grid), and the
-line ``best_estimator: NAME`` (lowest mean error).
+line ``best_estimator: NAME`` (lowest mean error). Then the noise structure
+(trainables.noise.noise_structure, 0 = spread evenly, 1 = one class each) of the default
+estimator's F̂ per noise kind: the ranges the end-of-sweep report's noise case is cut from.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     from trainables.config import ModelConfig, NoiseConfig, TaskConfig
     from trainables.data import load_task
     from trainables.models import create_model, features
+    from trainables.noise import noise_structure
     from trainables.transition import ESTIMATORS, estimate_from_probabilities, out_of_fold_probabilities
 
     errors: dict[str, list[float]] = {m: [] for m in ESTIMATORS}
+    structure: dict[str, list[float]] = {}  # noise kind → the default estimator's noise_structure(F̂)
+    default = NoiseConfig().estimator
     tic = time.perf_counter()
-    print(f"{'setting':<15} {'size':>5} {'seed':>4}  " + "  ".join(f"{m:>9}" for m in ESTIMATORS), flush=True)
+    print(f"{'setting':<15} {'size':>5} {'seed':>4}  " + "  ".join(f"{m:>9}" for m in ESTIMATORS) + "  structure",
+          flush=True)
     for setting in args.settings.split(","):
         kind, rate = setting.split(":")
         for size in map(int, args.sizes.split(",")):
@@ -54,14 +60,21 @@ def main(argv: list[str] | None = None) -> None:
                 probs = out_of_fold_probabilities(feats, noisy, data.num_classes, seed=seed)
                 row = []
                 for method in ESTIMATORS:
-                    err = float(np.abs(estimate_from_probabilities(probs, noisy, method) - data.transition).max())
+                    estimate = estimate_from_probabilities(probs, noisy, method)
+                    err = float(np.abs(estimate - data.transition).max())
                     errors[method].append(err)
                     row.append(err)
-                print(f"{setting:<15} {size:>5} {seed:>4}  " + "  ".join(f"{e:9.3f}" for e in row), flush=True)
+                    if method == default:
+                        structure.setdefault(kind, []).append(noise_structure(estimate))
+                print(f"{setting:<15} {size:>5} {seed:>4}  " + "  ".join(f"{e:9.3f}" for e in row)
+                      + f"  {structure[kind][-1]:9.3f}", flush=True)
     print(f"\n{len(errors['anchor'])} draws in {time.perf_counter() - tic:.0f} s")
     for method, errs in errors.items():
         print(f"{method:>9}: mean {np.mean(errs):.3f}  worst {np.max(errs):.3f}")
     print(f"best_estimator: {min(errors, key=lambda m: np.mean(errors[m]))}")
+    print(f"\nnoise structure of the {default} estimate (0 = spread evenly, 1 = one class each):")
+    for kind, values in structure.items():
+        print(f"  {kind:<11} min {np.min(values):.3f}  mean {np.mean(values):.3f}  max {np.max(values):.3f}")
 
 
 if __name__ == "__main__":

@@ -194,3 +194,53 @@ def test_the_report_says_when_val_acc_corr_fell_back_and_what_measure_alone_is()
     assert "ill-conditioned" in text and "measure alone" not in text
     assert "measure alone predicts the generalization gap" in format_report(table, "measure")
     assert "ill-conditioned" not in format_report(table.drop(columns="val_acc_corr_fallback"), "val_acc")
+
+
+# -- the noise case the end-of-sweep report names ---------------------------------------------------
+
+
+def test_noise_structure_is_zero_for_symmetric_one_for_pair_and_undefined_without_a_choice() -> None:
+    from trainables.noise import noise_rate, noise_structure
+
+    assert noise_structure(symmetric_transition(K, 0.4)) == pytest.approx(0.0)
+    assert noise_structure(pair_transition(K, 0.4)) == pytest.approx(1.0)
+    assert noise_rate(symmetric_transition(K, 0.4)) == pytest.approx(0.4)
+    half = 0.5 * (symmetric_transition(K, 0.4) + pair_transition(K, 0.4))  # each row: 0.25 + 0.75·0.25 on one class
+    assert 0.0 < noise_structure(half) < 1.0
+    assert np.isnan(noise_structure(np.eye(K))) and np.isnan(noise_structure(symmetric_transition(2, 0.3)))
+
+
+def test_trials_report_the_noise_rate_and_structure_of_the_f_they_used() -> None:
+    metrics, _ = _final(_config(reveal=True), _task(pair_transition(K, 0.3)))
+    assert metrics["f_noise_rate"] == pytest.approx(0.3) and metrics["f_structure"] == pytest.approx(1.0)
+    metrics, _ = _final(_config(reveal=False), _task(pair_transition(K, 0.3)))  # the estimate's, not the truth's
+    assert metrics["f_structure"] != pytest.approx(1.0) or metrics["f_noise_rate"] != pytest.approx(0.3)
+    assert 0.0 <= metrics["f_structure"] <= 1.0
+
+
+def _case_table(rate: float, structure: float | None, *, revealed: bool) -> Any:
+    import pandas as pd
+
+    from trainables.config import RunConfig
+
+    flat = RunConfig().to_flat() | {"task.noise.kind": "pair", "task.noise.rate": 0.3, "task.noise.reveal": revealed}
+    params = {k: str(v) for k, v in flat.items()}
+    table = pd.DataFrame({"trial_id": ["a", "b", "c"], "val_acc": [0.5, 0.6, 0.55], "test_acc": [0.4, 0.9, 0.8],
+                          "f_noise_rate": [rate, rate + 0.01, rate - 0.01], "params": [params] * 3})
+    if structure is not None:
+        table["f_structure"] = [structure, structure + 0.02, structure - 0.02]
+    return table
+
+
+def test_the_report_names_the_noise_case_from_the_f_the_trials_used() -> None:
+    from tuning.report import STRUCTURE_CUT, format_report, noise_case
+
+    symmetric = "\n".join(noise_case(_case_table(0.4, 0.1, revealed=False)))
+    assert "about 40% of the training labels wrong" in symmetric and "symmetric-like" in symmetric
+    assert "F estimated from the training labels" in symmetric
+    dependent = "\n".join(noise_case(_case_table(0.3, STRUCTURE_CUT + 0.1, revealed=True)))
+    assert "class-dependent" in dependent and "the injected F" in dependent
+    assert "little noise" in "\n".join(noise_case(_case_table(0.02, 0.5, revealed=False)))
+    assert "two classes" in "\n".join(noise_case(_case_table(0.3, None, revealed=False)))
+    assert noise_case(_case_table(0.3, 0.5, revealed=False).drop(columns="f_noise_rate")) == []
+    assert "class-dependent" in format_report(_case_table(0.3, 0.6, revealed=False), "val_acc")

@@ -22,7 +22,13 @@ from torch import nn
 from trainables.config import ConfigError, RunConfig
 from trainables.data import TaskData, load_task
 from trainables.models import create_model, head_name, layer_groups
-from trainables.noise import corrected_accuracy, correction_is_stable, noise_entropy
+from trainables.noise import (
+    corrected_accuracy,
+    correction_is_stable,
+    noise_entropy,
+    noise_rate,
+    noise_structure,
+)
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 from trainables.transition import RunTransition, run_transition
 
@@ -250,8 +256,12 @@ def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, floa
             m["val_acc_corr_fallback"] = 0.0 if stable else 1.0
         if records is not None:
             records["val_correct"] = np.packbits((val_logits.argmax(1) == data.val.labels).numpy()).tobytes().hex()
-    if transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics)
+    if transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics) …
         m["noise_entropy"] = noise_entropy(transition)
+        m["f_noise_rate"] = noise_rate(transition)  # … and the noise case the report names
+        structure = noise_structure(transition)  # NaN: < 3 classes or nothing off the diagonal
+        if math.isfinite(structure):
+            m["f_structure"] = structure
     if run.transition.f_error is not None:  # the estimate against the injected F: evaluation only
         m["f_error"] = run.transition.f_error
     if records is not None:

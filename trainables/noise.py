@@ -13,7 +13,15 @@ import numpy as np
 
 from trainables.config import ConfigError, NoiseConfig
 
-__all__ = ["apply_noise", "corrected_accuracy", "empirical_transition", "pair_transition", "symmetric_transition"]
+__all__ = [
+    "apply_noise",
+    "corrected_accuracy",
+    "empirical_transition",
+    "noise_rate",
+    "noise_structure",
+    "pair_transition",
+    "symmetric_transition",
+]
 
 
 def symmetric_transition(num_classes: int, rate: float) -> np.ndarray:
@@ -103,6 +111,30 @@ def noise_entropy(transition: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         rows = -np.where(f > 0, f * np.log(f), 0.0).sum(axis=1)
     return float(rows.mean())
+
+
+def noise_rate(transition: np.ndarray) -> float:
+    """The share of wrong labels F implies with balanced classes: 1 − mean_j F[j, j]."""
+    f = np.asarray(transition, dtype=float)
+    return float(1.0 - np.diag(f).mean())
+
+
+def noise_structure(transition: np.ndarray) -> float:
+    """How the wrong labels of a class spread over the other classes, on [0, 1]: 0 when evenly
+    (symmetric noise), 1 when each class flips to a single other one (pair noise). The mean over
+    classes with off-diagonal mass > 0.01 of the largest share one other class takes, rescaled
+    from [1/(K−1), 1]; NaN with fewer than 3 classes (the cases coincide) or no off-diagonal
+    mass. The end-of-sweep report names the noise case from it (docs/results.md)."""
+    f = np.asarray(transition, dtype=float)
+    k = len(f)
+    off = f * (1.0 - np.eye(k))
+    mass = off.sum(axis=1)
+    rows = mass > 0.01
+    if k < 3 or not rows.any():
+        return math.nan
+    concentration = float((off[rows].max(axis=1) / mass[rows]).mean())
+    even = 1.0 / (k - 1)
+    return (concentration - even) / (1.0 - even)
 
 
 # Above this condition number of F, the corrected accuracy's weights (F⁻¹ entries) amplify the
