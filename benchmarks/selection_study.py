@@ -55,8 +55,10 @@ def _analyze(args: argparse.Namespace) -> None:
     raw = getattr(args, "raw", None) or []
     raw = [raw] if isinstance(raw, str) else raw
     docs = Path(args.docs) if getattr(args, "docs", None) else None
+    digits = ROOT / "results" / "study"  # an estimated-F study is set next to the digits study's conclusions
     lines = analyze(
-        out, stores=stores, title=" + ".join(presets), figures=figures, raw_dirs=[Path(r) for r in raw], docs=docs
+        out, stores=stores, title=" + ".join(presets), figures=figures, raw_dirs=[Path(r) for r in raw], docs=docs,
+        compare_with=digits if own is not None else None,
     )
     print("\n".join(lines))
 

@@ -940,9 +940,11 @@ def analyze(
     subsearch_k: int | None = 6,
     raw_dirs: list[Path] = (),  # type: ignore[assignment]
     docs: Path | None = None,
+    compare_with: Path | None = None,
 ) -> list[str]:
     """Everything from ``out/runs.jsonl`` (or an existing ``trials.csv``): tables.md, summary.json,
-    selection.csv, correlations.csv, figures; returns the printed summary lines."""
+    selection.csv, correlations.csv, figures; returns the printed summary lines. ``compare_with``:
+    another study's output folder (the digits study's), set next to this one for an estimated-F study."""
     trials_path = out / "trials.csv"
     existing = [store for store in stores if store.is_file()]
     frame = write_trials(out, existing, list(raw_dirs)) if existing else load_trials(trials_path)
@@ -1041,6 +1043,11 @@ def analyze(
         keys = [*keys, *ef.key_lines(corr, summ, table, nv, frame)]
         cost.to_csv(out / "estimation_cost.csv", index=False, float_format="%.4g")
         extra_blocks = {"estimated-f": extra}
+        if compare_with is not None and (compare_with / "selection.csv").is_file():
+            other = tuple(pd.read_csv(compare_with / f"{name}.csv") for name in ("correlations", "selection", "no_val"))
+            side = ef.side_by_side((corr, table, nv), other)  # type: ignore[arg-type]
+            parts += ["## Digits against Fashion-MNIST: which conclusions transfer", "", side, ""]
+            extra_blocks["side-by-side"] = side
     blocks = {
         "key-regret": key_regret_markdown(summ),
         "correlations": correlation_summary_markdown(corr, frame),

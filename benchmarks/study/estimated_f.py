@@ -13,7 +13,8 @@ turns that into:
   estimate (its regret with the estimate minus its regret with the true F on the same searches);
 - M's Kendall τ with the gap once both are regressed on the swept hyperparameters (Andriushchenko
   et al. 2023: sharpness may only track the hyperparameters);
-- the issue's ``fashion_*`` KEY lines (regret in points of clean test accuracy).
+- the issue's ``fashion_*`` KEY lines (regret in points of clean test accuracy);
+- the side-by-side of this study's conclusions with the digits study's (:func:`side_by_side`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "markdown",
     "regime_summary",
     "residual_tau",
+    "side_by_side",
     "true_f_frame",
 ]
 
@@ -251,4 +253,65 @@ def markdown(
     lines += [
         f"| {r.setting} | {r.size} | {r.tau:.2f} | {r.residual_tau:.2f} |" for r in residual.itertuples()
     ]
+    return "\n".join(lines)
+
+
+def _study_numbers(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame) -> dict[str, float]:
+    """The numbers the side-by-side compares, per noise kind at 40 % (sizes pooled; points)."""
+    out: dict[str, float] = {}
+    t = table[(table["arm"] == "tv") & table["regret"].notna()]
+    tv = corr[corr["arm"] == "tv"]
+    for kind in ("symmetric", "pair", "correlated"):
+        setting = f"{kind}40"
+        out[f"tau {kind}"] = float(tv[tv["setting"] == setting]["tau/measure/gap"].mean())
+        s = t[t["setting"] == setting]
+        regret = {c: 100 * float(s[s["criterion"] == c]["regret"].mean()) for c in ("val_acc", DEFAULT)}
+        out[f"val {kind}"], out[f"default {kind}"] = regret["val_acc"], regret[DEFAULT]
+        out[f"delta {kind}"] = regret[DEFAULT] - regret["val_acc"]
+        n = nv[nv["setting"] == setting] if not nv.empty else nv
+        if not n.empty:
+            hess = n[n["procedure"] == f"(a) {NOSPLIT_DEFAULT} on pool"]["acc"]
+            refit = n[n["procedure"] == "(c) val_acc → retrain on pool"]["acc"]
+            out[f"nosplit {kind}"] = 100 * float(hess.mean() - refit.mean())
+    regimes = regime_summary(summarise_regret(t)).set_index("criterion")
+    for c, name in ((DEFAULT, "default"), ("val_acc", "val")):
+        out[f"{name} mean"], out[f"{name} worst"] = regimes.loc[c, "mean"], regimes.loc[c, "worst"]
+    out["delta worst"] = out["default worst"] - out["val worst"]
+    out["delta mean"] = out["default mean"] - out["val mean"]
+    return out
+
+
+def summarise_regret(table: pd.DataFrame) -> pd.DataFrame:
+    """Seed-mean regret per (setting, size, arm, criterion), the shape :func:`regime_summary` reads."""
+    return table.groupby(["setting", "size", "arm", "criterion"], sort=False)["regret"].mean().rename(
+        "mean").reset_index()
+
+
+SIDE_ROWS = [
+    ("tau {k}", "τ(M, gap), {k} 40 %", "{:.2f}", "both ≥ 0.5"),
+    ("delta {k}", "default − val_acc regret, {k} 40 % (points)", "{:+.1f}", "same sign"),
+    ("nosplit {k}", "no split: B on all − refit, {k} 40 % (points)", "{:+.1f}", "same sign"),
+]
+
+
+def side_by_side(
+    this: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], other: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    names: tuple[str, str] = ("digits", "Fashion-MNIST"),
+) -> str:
+    """Markdown: the other (digits) study's conclusions next to this one's, and whether each
+    transfers (τ ≥ 0.5 in both; a regret difference of the same sign in both)."""
+    a, b = _study_numbers(*other), _study_numbers(*this)
+    lines = [f"| quantity | {names[0]} | {names[1]} | transfers? |", "|---|---|---|---|"]
+
+    def row(key: str, label: str, fmt: str, rule: str) -> None:
+        if key not in a or key not in b or not (math.isfinite(a[key]) and math.isfinite(b[key])):
+            return
+        same = (a[key] >= 0.5 and b[key] >= 0.5) if rule == "both ≥ 0.5" else (np.sign(a[key]) == np.sign(b[key]))
+        lines.append(f"| {label} | {fmt.format(a[key])} | {fmt.format(b[key])} | {'yes' if same else 'no'} |")
+
+    for key, label, fmt, rule in SIDE_ROWS:
+        for kind in ("symmetric", "pair", "correlated"):
+            row(key.format(k=kind), label.format(k=kind), fmt, rule)
+    row("delta mean", "default − val_acc, mean over regimes (points)", "{:+.1f}", "same sign")
+    row("delta worst", "default − val_acc, worst regime (points)", "{:+.1f}", "same sign")
     return "\n".join(lines)
