@@ -37,8 +37,8 @@ from benchmarks.study.design import Job, Preset, Setting, jobs  # noqa: E402
 
 __all__ = ["RecipeError", "build_preset", "main"]
 
-# The papers' independent (symmetric) noise grid: REGSL's MIT-Indoor ResNet-18 table, 20/40/60/80 %
-# (research/papers.md §1.10); Ju et al.'s code injects the same kind of noise on CIFAR-100 and MIT-Indoor.
+# The papers' independent (symmetric) noise grid: REGSL's MIT-Indoor ResNet-18 table (Li & Zhang
+# 2021), 20/40/60/80 %; Ju et al.'s code injects the same kind of noise on CIFAR-100 and MIT-Indoor.
 PAPER_SETTINGS = ("symmetric20", "symmetric40", "symmetric60", "symmetric80")
 VAL_FRACTION = 0.1  # the papers hold out 10 % of the training images as validation
 SMOKE_TRAIN = 256  # training samples of a --smoke run

@@ -5,7 +5,7 @@ Setup: ``timm.create_model('test_resnet', num_classes=5)`` with its BatchNorm sc
 curvature identically zero; the cost is the same), S = 448 random 3×32×32 images with random
 labels, reference = weights − 0.01·noise, float32, all CPU threads.
 
-Two ratios (hessian.md §2, §4):
+Two ratios (docs/measures.md §7):
 
 1. ``hvp_over_grad``: one Hessian-vector product of the batch-mean loss as the trace code
    computes it (double backward; ``PROBES_PER_BATCH`` = 4 products per batch share one forward

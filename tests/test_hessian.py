@@ -1,4 +1,4 @@
-"""Hessian measures against closed forms (research/hessian.md §6) and dense Hessians, in float64."""
+"""Hessian measures against closed forms (docs/measures.md §8) and dense Hessians, in float64."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
 
 
 class TwoScalarNet(nn.Module):
-    """z = w₂·w₁·x: the deep linear net of hessian.md §6.1."""
+    """z = w₂·w₁·x: the deep linear net of docs/measures.md §8."""
 
     def __init__(self, w1: float = 1.0, w2: float = 2.0) -> None:
         super().__init__()

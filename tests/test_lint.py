@@ -1,4 +1,4 @@
-"""The code checks STYLE.md asks for run with the tests: ruff and mypy must be clean."""
+"""The code checks run with the tests: ruff and mypy must be clean."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def test_no_ray_train_report_in_the_package() -> None:
         if forbidden.search(p.read_text())
     ]
     assert offenders == []
+
+
+def test_code_and_docs_point_only_into_the_repository() -> None:
+    """Design notes live in docs/: no comment or page cites a file the repository does not carry."""
+    outside = re.compile(r"SPEC §|\bSPEC\b|research/|feasibility|STYLE\.md|papers\.md|system\.md|hessian\.md")
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.yaml", "*.toml"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    offenders = [
+        f"{name}:{i}: {line.strip()}"
+        for name in files
+        if (ROOT / name).is_file() and name != "tests/test_lint.py"
+        for i, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert not offenders, "\n".join(offenders[:20])

@@ -1,7 +1,7 @@
 """Regularizers against hand computations: REGSL constraint and self-labeling, consistent loss, NSO, SAM.
 
 Tiny float64 networks (conv/BN/ReLU/linear) make the gradient checks exact; every expected value
-is recomputed here from the formula in SPEC §3 / research/papers.md, not from the implementation.
+is recomputed here from the formula in the regularizer's docstring, not from the implementation.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def run_gradient(reg: NSO | SAM, model: nn.Module, epoch: int = 1) -> tuple[Clos
     return closure, [p.grad for p in model.parameters()]  # type: ignore[misc]
 
 
-# -- layer-wise distance constraint (SPEC §3.1) --------------------------------------------------------
+# -- layer-wise distance constraint --------------------------------------------------------
 
 
 def test_projection_lands_exactly_on_the_ball() -> None:
@@ -244,7 +244,7 @@ def test_projection_mode_adds_no_penalty() -> None:
     assert reg.penalty() is None
 
 
-# -- self-labeling (SPEC §3.2) ---------------------------------------------------------------------------
+# -- self-labeling ---------------------------------------------------------------------------
 
 
 def _logits(probs: list[list[float]]) -> torch.Tensor:
@@ -303,7 +303,7 @@ def test_reduce_is_plain_mean_before_reweight_start() -> None:
 
 
 def test_temperature_schedule_follows_the_reference_convention() -> None:
-    """papers.md §1.5(c): at the end of epoch t > E_r, τ ← τ0·max(0.5, e^{−0.1(t − E_r)}).
+    """REGSL's schedule: at the end of epoch t > E_r, τ ← τ0·max(0.5, e^{−0.1(t − E_r)}).
 
     So the τ in force during epoch e is τ0 while e − 1 ≤ E_r, then τ0·max(0.5, e^{−0.1(e − 1 − E_r)}).
     """
@@ -336,7 +336,7 @@ def test_self_label_state_round_trip() -> None:
     assert other.ctx.labels.tolist() == [0, 2, 2]
 
 
-# -- consistent loss (SPEC §3.3) ----------------------------------------------------------------------------
+# -- consistent loss ----------------------------------------------------------------------------
 
 
 def _random_transition(k: int, seed: int) -> np.ndarray:
@@ -382,7 +382,7 @@ def test_rank_deficient_estimated_transition_is_rejected() -> None:
         checked_inverse(np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
 
 
-# -- NSO (SPEC §3.4) ----------------------------------------------------------------------------------------
+# -- NSO ----------------------------------------------------------------------------------------
 
 
 def _nso(model: nn.Module, seed: int = 3, epochs: int = 4, **cfg: object) -> NSO:

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.slow
 SWEEP = "it4"
 
 
-def hesstune(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def hesstune(
+    *args: str, env: dict[str, str], timeout: float = 900, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tuning.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "tuning.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
 
 
@@ -38,6 +40,7 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> dict[str, object]:
     out = tmp_path_factory.mktemp("sweep")
+    elsewhere = tmp_path_factory.mktemp("unrelated-cwd")  # the sweep must write nothing here
     proc = hesstune(
         "sweep",
         "--space",
@@ -57,8 +60,10 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> 
         "--seed",
         "3",
         env=cli_env,
+        cwd=elsewhere,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert list(elsewhere.iterdir()) == [], "a sweep wrote outside --output"
     import mlflow
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
@@ -136,6 +141,8 @@ def test_parent_artifacts(sweep: dict[str, object]) -> None:
     run_id = _parent(sweep)["run_id"].iloc[0]
     paths = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"leaderboard.csv", "measure_vs_gap.png", "layer_distances.png", "best_configs"} <= paths
+    artifacts = Path(sweep["out"]) / "mlartifacts"  # type: ignore[arg-type]
+    assert any(p.name == "leaderboard.csv" for p in artifacts.rglob("*")), "artifacts are not under --output"
 
 
 def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str, object]) -> None:
@@ -143,6 +150,8 @@ def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str
     assert "Leaderboard by val_band_bound" in stdout and "Correlation with the true test gap" in stdout
     assert "validation band from the trials' per-sample validation correctness (paired)" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
+    assert "Noise case (the injected F): about 40% of the training labels wrong" in stdout  # the default noise
+    assert "symmetric-like" in stdout
     assert stdout.count("[") >= 4  # one progress line per trial
 
 

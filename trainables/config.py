@@ -153,7 +153,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ConstraintConfig:
-    """Layer-wise distance constraint (REGSL, Li & Zhang 2021), SPEC §3.1.
+    """Layer-wise distance constraint (REGSL, Li & Zhang 2021).
 
     Radius of depth group g: ``radius * growth**g``, or ``radius * group_scales[g]`` when free
     per-group scales are given. The head has its own radius.
@@ -181,7 +181,7 @@ class ConstraintConfig:
 
 @dataclass(frozen=True)
 class SelfLabelConfig:
-    """Self-labeling (REGSL): label correction and soft down-weighting, SPEC §3.2."""
+    """Self-labeling (REGSL): label correction and soft down-weighting."""
 
     enabled: bool = False
     correct_start: int = 10  # E_c, 1-indexed epoch
@@ -200,7 +200,7 @@ class SelfLabelConfig:
 
 @dataclass(frozen=True)
 class ConsistentConfig:
-    """Consistent (backward-corrected) loss under class-conditional noise, SPEC §3.3.
+    """Consistent (backward-corrected) loss under class-conditional noise.
 
     ``transition``: ``symmetric`` (rate given, or the task's noise rate when null), ``task`` (the
     run's F: the injected noise's own when ``task.noise.reveal``, else the estimate from the data),
@@ -218,7 +218,7 @@ class ConsistentConfig:
 
 @dataclass(frozen=True)
 class NSOConfig:
-    """Noise stability optimization (two-point weight noise), SPEC §3.4."""
+    """Noise stability optimization (two-point weight noise)."""
 
     enabled: bool = False
     sigma: float = 0.01
@@ -250,7 +250,7 @@ class SAMConfig:
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    """Hessian measures computed on the fine-tuned model at the end of a run (SPEC §4).
+    """Hessian measures computed on the fine-tuned model at the end of a run (docs/measures.md).
 
     ``samples``: the measure sample set S is the training set capped at this many samples
     (seeded subset); its realised size is recorded with the result. ``loss_bound``: the

@@ -1,4 +1,4 @@
-"""End-of-trial Hessian measures and the bound built on them (SPEC §4).
+"""End-of-trial Hessian measures and the bound built on them (docs/measures.md §1, §4).
 
 - M = Σ_i √H_i / √n, H_i = max_j max(v_iᵀ H_ii(x_j, y_j) v_i, 0) over the measure sample set S
   (the training set capped at ``measure.samples`` by a seeded subset; its size is recorded).

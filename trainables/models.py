@@ -279,7 +279,7 @@ class LayerGroups:
 def layer_groups(model: nn.Module) -> LayerGroups:
     """Depth-ordered groups of conv/linear weights from timm's coarse ``group_matcher``.
 
-    Biases and normalisation parameters are not constrained (SPEC §3.1), so only weight tensors
+    Biases and normalisation parameters are not constrained (docs/measures.md §1), so only weight tensors
     of ≥ 2 dimensions are listed. Models without a matcher form one body group.
     """
     head = head_name(model)

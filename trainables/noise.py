@@ -1,4 +1,4 @@
-"""Synthetic label noise with a known (or measured) transition matrix, SPEC §3.5.
+"""Synthetic label noise with a known (or measured) transition matrix.
 
 Every function takes a ``numpy.random.Generator`` and returns new labels; the clean labels are
 never modified, so the noise mask (``noisy != clean``) is always available.

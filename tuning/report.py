@@ -188,7 +188,8 @@ def export_configs(table: pd.DataFrame, criterion: str, top: int, folder: Path, 
     """Write the ``top`` trials by ``criterion`` as replayable YAML configs ``1.yaml``, ``2.yaml``…
 
     ``refit`` trains the chosen config on train ∪ validation (``task.merge_val``): the final fit
-    that delivered the best clean accuracy in the feasibility study.
+    that delivered the best clean accuracy without a validation split under symmetric noise
+    (docs/results.md).
     """
     folder.mkdir(parents=True, exist_ok=True)
     by_id = {row["trial_id"]: row for _, row in table.iterrows()}

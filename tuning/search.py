@@ -1,7 +1,7 @@
 """Optuna search for Ray Tune that tells early-stopped trials apart from complete ones.
 
 Ray's ``OptunaSearch`` tells Optuna COMPLETE with the low-rung value when ASHA stops a trial, so
-TPE mixes 1-epoch and full-budget scores as if they were equal (research/system.md §1.3). Here a
+TPE mixes 1-epoch and full-budget scores as if they were equal. Here a
 trial whose last result is before the final epoch is told PRUNED; its intermediate values were
 already reported.
 """

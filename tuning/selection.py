@@ -1,4 +1,4 @@
-"""Model selection and measure-vs-gap correlation over finished trials (SPEC §5).
+"""Model selection and measure-vs-gap correlation over finished trials (docs/results.md).
 
 Everything here is a pure function of an explicit trial table: no Ray, MLflow or torch.
 
@@ -15,10 +15,11 @@ for evaluation only). More can be added with :func:`register_criterion`.
 
 Ties. Within a criterion, trials are ordered by its metric, then by its tie-breakers (NaN last),
 then by their position in the input. ``val_acc`` is a count over the validation split, so exact ties
-at the top are common (feasibility.md §2); it breaks them by lower ``val_loss``, then lower
+at the top are common; it breaks them by lower ``val_loss``, then lower
 ``bound``. Because any deterministic tie-break flatters or penalises the criterion by luck,
 :func:`expected_test_acc` and :func:`expected_regret` also score the pick under *random*
-tie-breaking among the trials tied on the primary metric, as feasibility2.md does.
+tie-breaking among the trials tied on the primary metric, as the selection study does
+(docs/results.md).
 
 Correlations follow Jiang et al. 2020, "Fantastic Generalization Measures and Where to Find Them"
 (ICLR 2020, arXiv 1912.02178): Kendall τ between measure and gap over all trials, and the
@@ -309,7 +310,7 @@ def expected_test_acc(trials: TrialTable, criterion: str = DEFAULT_CRITERION) ->
 
 
 def expected_regret(trials: TrialTable, criterion: str = "val_acc") -> float:
-    """Regret under random tie-breaking: max test_acc − :func:`expected_test_acc` (feasibility2.md)."""
+    """Regret under random tie-breaking: max test_acc − :func:`expected_test_acc` (docs/results.md)."""
     return _oracle_best(_frame(trials)) - expected_test_acc(trials, criterion)
 
 
@@ -479,7 +480,7 @@ def ranking_agreement(trials: TrialTable, a: str = "bound", b: str = "val_acc") 
 
     Each metric is signed so larger is better (``min`` criteria are negated), so +1 means both put
     the trials in the same order. With b = "oracle" this is the ranking quality of ``a`` against
-    clean test accuracy (feasibility2.md). Tie-breakers are ignored; NaN with < 3 common trials.
+    clean test accuracy (docs/results.md). Tie-breakers are ignored; NaN with < 3 common trials.
     """
     frame = _frame(trials)
     return kendall_tau(_goodness(frame, get_criterion(a)), _goodness(frame, get_criterion(b)))
@@ -522,13 +523,13 @@ def _selection_stats(frame: pd.DataFrame) -> dict[str, float]:
 
 
 def summary(trials: TrialTable) -> dict[str, float]:
-    """Sweep-level statistics for the MLflow parent run (SPEC §5); flat str -> float, NaN allowed.
+    """Sweep-level statistics for the MLflow parent run; flat str -> float, NaN allowed.
 
     Keys, with m in SUMMARY_MEASURES (measure, bound, trace, lambda_max, distance), t in gap and
     gap_clean and c in SUMMARY_CRITERIA (bound, measure, val_acc, val_loss):
 
     * ``kendall_<m>_<t>``, ``spearman_<m>_<t>``, ``pearson_<m>_<t>``;
-    * ``partial_kendall_<m>_<t>_given_train_loss`` (feasibility.md §4: the raw gap is largely
+    * ``partial_kendall_<m>_<t>_given_train_loss`` (docs/results.md: the raw gap is largely
       "how much it fit", so τ partial on train loss is the more telling number);
     * ``regret_<c>``, ``expected_regret_val_acc`` (random tie-breaking); c also
       ``val_band_bound`` when the trials report ``n_val`` (:func:`add_selection_metrics`) and

@@ -1,4 +1,4 @@
-"""Launch (or resume) a sweep: Ray Tune trials, an Optuna searcher, MLflow tracking (SPEC §8).
+"""Launch (or resume) a sweep: Ray Tune trials, an Optuna searcher, MLflow tracking (docs/design.md).
 
 The driver validates everything first, pretrains/caches the source model once, creates the
 MLflow experiment and parent run, then runs the trials with :func:`trainables.trainable.run_trial`.
@@ -291,7 +291,8 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         log(f"preflight: storage and tracking checked on {preflight(paths.storage, opts.tracking_uri)} node(s)")
     paths.output.mkdir(parents=True, exist_ok=True)
     exp_id, parent_id = ensure_parent_run(
-        opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space)
+        opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space),
+        artifacts=paths.output / "mlartifacts",  # everything a sweep writes stays under --output
     )
     paths.experiment.mkdir(parents=True, exist_ok=True)
     meta = {**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}

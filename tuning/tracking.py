@@ -1,4 +1,4 @@
-"""MLflow tracking: one parent run per sweep, one child run per trial (SPEC §6).
+"""MLflow tracking: one parent run per sweep, one child run per trial (docs/design.md).
 
 All writes happen on the driver (a Ray Tune callback), so there is one writer per run and no
 experiment-creation race between trials. Child runs are found again by their ``trial_id`` tag,
@@ -100,11 +100,16 @@ def _retry(fn: Any, *args: Any, attempts: int = 5, **kwargs: Any) -> Any:
     return None
 
 
-def ensure_parent_run(uri: str, sweep: str, *, tags: Mapping[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
-    """The sweep's experiment and parent run, created once; a resumed sweep reuses both."""
+def ensure_parent_run(
+    uri: str, sweep: str, *, tags: Mapping[str, str], params: Mapping[str, Any], artifacts: Path | None = None
+) -> tuple[str, str]:
+    """The sweep's experiment and parent run, created once; a resumed sweep reuses both.
+    ``artifacts``: where a new experiment of a sqlite store keeps its artifacts (MLflow's default
+    is ``./mlruns`` of whatever directory the command runs in); a server decides for itself."""
     mc = client(uri)
     exp = mc.get_experiment_by_name(sweep)
-    exp_id = exp.experiment_id if exp else mc.create_experiment(sweep)
+    location = artifacts.resolve().as_uri() if artifacts is not None and uri.startswith("sqlite:") else None
+    exp_id = exp.experiment_id if exp else mc.create_experiment(sweep, artifact_location=location)
     found = mc.search_runs(
         [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`hesstune.role` = 'parent'"
     )

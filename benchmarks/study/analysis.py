@@ -876,7 +876,7 @@ def splice(text: str, blocks: dict[str, str]) -> str:
 
 def key_lines(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame) -> list[str]:
     """The issue's KEY: VALUE lines, means over seeds, tv arm. Unsuffixed keys: symmetric 40 %,
-    full size (the feasibility setting); ``_half``: half size; ``_pair``/``_correlated``: the
+    full size (the headline setting); ``_half``: half size; ``_pair``/``_correlated``: the
     other noise kinds at 40 %."""
     out: dict[str, Any] = {}
 

@@ -3,7 +3,7 @@
 A *search* is the candidate set one sweep would choose from (configs × checkpoint epochs of one
 setting, size, seed and arm). A criterion returns the positions it picks: usually one, several
 when it is indifferent between them (exact ties), and the delivered clean test accuracy is the
-mean over the picks, i.e. the expectation under random tie-breaking (feasibility2.md).
+mean over the picks, i.e. the expectation under random tie-breaking.
 
 Notation per candidate: L̂ = ``bound_loss`` (the product's loss term of B: forward-corrected
 −log((Fᵀp)_ỹ) where F is known and positive, else CE truncated at 2 log K), C = ``bound_C`` (its

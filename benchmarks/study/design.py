@@ -7,7 +7,7 @@ first e epochs of the longer run (no learning-rate schedule, constant NSO σ, no
 the total epoch count), so the checkpoints are the epochs axis of the search at no extra
 training cost.
 
-Arms, as in feasibility2.md:
+Arms:
 
 - ``tv``: trained on the train part, the noisy validation split held out (val-based selection);
 - ``pool``: the same configs, same torch seed, trained on train ∪ val, nothing held out (the
@@ -171,7 +171,7 @@ def sample_config(seed: int, run: int) -> dict[str, Any]:
     lr log-uniform [1e-4, 3e-3] (Adam); the REGSL distance constraint with p = 0.5 (D log-uniform
     [0.05, 5], γ uniform [1, 2], head radius log-uniform [1, 25]); NSO with p = 0.3 (σ log-uniform
     [0.003, 0.03], k = 1, constant σ); self-labeling with p = 0.25 (p_thr [0.7, 0.99], τ0
-    [0.5, 3], E_r and E_c uniform in 1..16). Ranges as in feasibility.md and SPEC §7.
+    [0.5, 3], E_r and E_c uniform in 1..16). Ranges as in the ``full`` search space.
     """
     rng = np.random.default_rng([seed, run, 20260611])
 

@@ -113,7 +113,8 @@ def _noise_constants(transition: np.ndarray | None, k: int) -> dict[str, float]:
 
 
 def _consistent_loss(logits: Any, labels: Any, transition: np.ndarray | None, cap: float) -> float:
-    """Mean backward-corrected loss Σ_c (F⁻¹)_{ỹ,c} min(−log p_c, cap) (Ju et al.; SPEC §3.3).
+    """Mean backward-corrected loss Σ_c (F⁻¹)_{ỹ,c} min(−log p_c, cap) (Ju et al.; the consistent loss
+    of trainables/regularizers/consistent.py).
 
     Per-class losses are clipped at ``cap`` first (the raw consistent loss is unbounded below for a
     model that fits a noisy label, because off-diagonal entries of F⁻¹ are negative).

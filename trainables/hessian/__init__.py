@@ -1,4 +1,4 @@
-"""Hessian measures of a fine-tuned model (SPEC §4; methods and costs in research/hessian.md).
+"""Hessian measures of a fine-tuned model (definitions, exactness, costs: docs/measures.md).
 
 Public contract::
 

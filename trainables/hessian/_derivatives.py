@@ -1,6 +1,6 @@
 """Derivative kernels on one batch: output JVPs, second directional derivatives, HVPs.
 
-Notation (hessian.md §3): z = f(x; W) are the model outputs (logits), ℓ_j = loss(z_j, y_j) the
+Notation (docs/measures.md §2): z = f(x; W) are the model outputs (logits), ℓ_j = loss(z_j, y_j) the
 per-sample losses, v_i the direction of layer i and u_ij = J_i(x_j) v_i = d z_j(W_i + t v_i)/dt the
 output tangent of sample j. The exact per-sample block form splits as
 
@@ -185,7 +185,7 @@ def autodiff_kernels(double_backward: bool = False) -> Iterator[None]:
     """Kernels that are fast and available under forward AD and double backward, same functions.
 
     - scaled_dot_product_attention goes to its math backend: the fused kernels have neither
-      forward AD nor double backward (pytorch#117629, #116350; hessian.md §1.2);
+      forward AD nor double backward (pytorch#117629, #116350);
     - eval-mode ``F.batch_norm`` is evaluated as x·scale + shift: its native forward-AD formula
       runs through slow decompositions (it dominated nested jvps on test_resnet);
     - ``F.hardsigmoid`` by its clamp formula (no forward AD for its native derivative);
@@ -241,7 +241,7 @@ def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], v
               x: Tensor, y: Tensor) -> list[Tensor]:
     """H_b v for the batch-mean loss, w.r.t. the parameters ``leaves`` (others held fixed).
 
-    Double backward (hessian.md §0): a create_graph gradient, then a second backward with
+    Double backward: a create_graph gradient, then a second backward with
     grad_outputs = v. ``leaves`` are detached copies with requires_grad, so the model's own
     parameters, their ``requires_grad`` and ``.grad`` are never touched.
     """

@@ -1,8 +1,8 @@
 """When is the Gauss–Newton shortcut exact? A linearity proof on the autograd graph.
 
 The block form v_iᵀH_ii(x_j)v_i equals its Gauss–Newton part u_ijᵀ∇²_zℓ_j u_ij exactly when the
-outputs z are piecewise linear in W_i alone, i.e. d²z/dt² = 0 along W_i + t v_i (hessian.md §3.4,
-SPEC §4). Module types cannot show that (``forward`` code may call F.gelu, x·sigmoid(x), …), and a
+outputs z are piecewise linear in W_i alone, i.e. d²z/dt² = 0 along W_i + t v_i (docs/measures.md
+§2). Module types cannot show that (``forward`` code may call F.gelu, x·sigmoid(x), …), and a
 numerical test on a few samples cannot prove it for all samples. Instead we record one forward
 pass with every measured weight as its own leaf and walk the autograd graph: each node's op type
 is looked up in an allow-list of ops that are

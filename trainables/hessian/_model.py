@@ -26,7 +26,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode; restore every submodule's own ``training`` flag afterwards.
 
     Eval mode is part of the measures' definition: BatchNorm uses running statistics (so samples
-    do not interact and per-sample Hessians exist) and dropout is off (SPEC §4, hessian.md §7).
+    do not interact and per-sample Hessians exist) and dropout is off (docs/measures.md §1).
     """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()

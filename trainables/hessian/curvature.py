@@ -7,7 +7,7 @@ Guarantees", ICML 2022: for layer i with fine-tuning direction v_i = W_i − W_i
 
 where H_ii is the diagonal block of the per-sample loss Hessian for the weight tensor W_i alone
 (other parameters fixed). The q_ij are exact (no cross-layer terms; see ``reference.py`` for the
-paper code's different quantity) and computed per sample in eval mode (SPEC §4, hessian.md §3).
+paper code's different quantity) and computed per sample in eval mode (docs/measures.md §1–3).
 
 How (``method``):
 
@@ -23,7 +23,7 @@ How (``method``):
   every other layer. The result is exact in both cases: e.g. on a ReLU/eval-BN ResNet every layer
   takes the shortcut, on a GELU MLP only the head (linear in its own weight) does.
 
-Cost (hessian.md §4): nested ≈ 2 forward-mode passes per layer over the layer's suffix; the GGN
+Cost (docs/measures.md §7): nested ≈ 2 forward-mode passes per layer over the layer's suffix; the GGN
 shortcut for Conv/Linear weights costs one forward plus K backward passes (K outputs) for all
 layers together, which is below the (1 + L)/3-epoch floor of the nested form when K ≲ L. The
 loop is per batch, so memory stays that of one batch's forward and backward (larger batches
@@ -189,7 +189,7 @@ def layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
 def hessian_distance(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
                      reference: Mapping[str, Tensor], *, n: int, layers: Sequence[str] | None = None,
                      method: Method = "auto") -> float:
-    """The Hessian distance measure M = Σ_i √H_i / √n (Ju et al. ICML 2022, SPEC §4).
+    """The Hessian distance measure M = Σ_i √H_i / √n (Ju et al. ICML 2022; docs/measures.md §1).
 
     H_i = max_j max(q_ij, 0) over the samples of ``data`` (:func:`layer_curvatures` with
     ``reduce="max"``); ``n`` is the number of training samples of the bound.

@@ -4,8 +4,8 @@ The operator is v ↦ H̄ v = Σ_b (|b|/N) H_b v over all batches of ``data`` (e
 every matvec passes over the same data), H_b the Hessian of the batch-mean loss, by double
 backward. Lanczos with full reorthogonalisation (against every previous Lanczos vector, twice)
 builds the tridiagonal T_k; the answer is T_k's largest *algebraic* eigenvalue (``which='LA'``),
-not the largest magnitude that power iteration converges to (hessian.md §1.6). Lanczos stops
-early on an invariant subspace (β ≈ 0), so k ≥ #distinct eigenvalues is exact (hessian.md §6.4).
+not the largest magnitude that power iteration converges to (docs/measures.md §6). Lanczos stops
+early on an invariant subspace (β ≈ 0), so k ≥ #distinct eigenvalues is exact (docs/measures.md §6).
 
 Memory: ``iters`` parameter-sized vectors are kept for the reorthogonalisation, in one
 preallocated matrix.

@@ -1,6 +1,6 @@
 """The quantity the Ju et al. paper code computes, kept only to reproduce published numbers.
 
-VirtuosoResearch/Robust-Fine-Tuning (``compute_hessians_quantity``, hessian.md §3.1) does, per
+VirtuosoResearch/Robust-Fine-Tuning (``compute_hessians_quantity``, docs/measures.md §3) does, per
 mini-batch of (typically 4) samples: one gradient with create_graph of the batch-mean loss w.r.t.
 the layer weights, ONE second backward with the concatenated direction v = (v_1, …, v_L), and per
 layer ⟨v_i, (H v)_i⟩ = v_iᵀH_ii v_i + Σ_{j≠i} v_iᵀH_ij v_j; then the max over mini-batches, with no

@@ -6,9 +6,9 @@ fresh probes z on it, t_k = mean_z zᵀ H_{b_k} z with H_b the Hessian of the ba
 estimate is the batch-size-weighted mean Σ_k |b_k| t_k / Σ_k |b_k|, so unequal batches get the
 weight of their samples. The probes of a round share their batch, so the rounds, not the probes,
 are the independent samples the standard error is computed from. Sampling stops on that standard
-error (not PyHessian's relative-change rule, see hessian.md §1.1, §1.6). The same products give
+error (not PyHessian's relative-change rule, docs/measures.md §5). The same products give
 unbiased per-parameter traces z_iᵀ(H z)_i, since cross-block terms have zero mean. HVPs by double
-backward (hessian.md §0); the probes of a round reuse one graph (:func:`batch_hvps`), which makes
+backward; the probes of a round reuse one graph (:func:`batch_hvps`), which makes
 a product about 2.2× a gradient instead of 3.0–3.2× on ``test_resnet`` (``benchmarks/hessian_cost.py``).
 """
 

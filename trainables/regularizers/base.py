@@ -1,4 +1,4 @@
-"""The one interface every regularizer implements (STYLE principle 2).
+"""The one interface every regularizer implements (docs/design.md).
 
 The training loop knows these hooks, not the regularizers. Every hook has a no-op default, so a
 regularizer overrides only what it changes:

@@ -1,4 +1,4 @@
-"""Consistent (backward-corrected) loss under class-conditional label noise, SPEC §3.3.
+"""Consistent (backward-corrected) loss under class-conditional label noise.
 
 With transition matrix F (F_jk = P(noisy = k | clean = j)), the loss on a noisy label ỹ is
     ℓ̄(x, ỹ) = Σ_c (F⁻¹)_{ỹ,c} · (−log p_c(x)),

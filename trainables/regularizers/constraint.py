@@ -1,4 +1,4 @@
-"""Layer-wise distance constraints (REGSL, Li & Zhang NeurIPS 2021), SPEC §3.1.
+"""Layer-wise distance constraints (REGSL, Li & Zhang NeurIPS 2021).
 
 After every optimizer step each constrained weight tensor is projected onto its Frobenius ball
     W ← W0 + (W − W0) · min(1, D_i / ‖W − W0‖_F),

@@ -1,4 +1,4 @@
-"""Noise stability optimization (Zhang, Li & Ju, TMLR 2024), SPEC §3.4.
+"""Noise stability optimization (Zhang, Li & Ju, TMLR 2024).
 
 Per step, with U_j ~ N(0, σ²I) on every trainable parameter (j = 1..k) and the same batch:
     g = (1/2k) Σ_j [∇f(W + U_j) + ∇f(W − U_j)]        (optionally λ∇f(W) + (1 − λ)g),

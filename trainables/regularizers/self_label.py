@@ -1,4 +1,4 @@
-"""Self-labeling (REGSL): label correction and soft down-weighting, SPEC §3.2.
+"""Self-labeling (REGSL): label correction and soft down-weighting.
 
 Correction (from epoch E_c): where the model's max softmax probability exceeds p_thr and its
 argmax differs from the current label, the label is replaced (permanently, used at once).
