@@ -33,16 +33,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings", default="symmetric:0.2,symmetric:0.4,symmetric:0.6,pair:0.2,pair:0.4,pair:0.6,"
                    "correlated:0.2,correlated:0.4,correlated:0.6")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--csv", help="write one row per draw (the default estimator's error, noise rate and "
+                   "structure) here, e.g. results/fashion/noise_case.csv for the selection study")
     args = p.parse_args(argv)
 
     from trainables.config import ModelConfig, NoiseConfig, TaskConfig
     from trainables.data import load_task
     from trainables.models import create_model, features
-    from trainables.noise import noise_structure
+    from trainables.noise import noise_rate, noise_structure
     from trainables.transition import ESTIMATORS, estimate_from_probabilities, out_of_fold_probabilities
 
     errors: dict[str, list[float]] = {m: [] for m in ESTIMATORS}
     structure: dict[str, list[float]] = {}  # noise kind → the default estimator's noise_structure(F̂)
+    draws: list[dict[str, object]] = []
     default = NoiseConfig().estimator
     tic = time.perf_counter()
     print(f"{'setting':<15} {'size':>5} {'seed':>4}  " + "  ".join(f"{m:>9}" for m in ESTIMATORS) + "  structure",
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                     row.append(err)
                     if method == default:
                         structure.setdefault(kind, []).append(noise_structure(estimate))
+                        draws.append({"setting": f"{kind}{round(100 * float(rate))}", "kind": kind, "rate": float(rate),
+                                      "train_size": size, "seed": seed, "f_error": err,
+                                      "f_noise_rate": noise_rate(estimate), "f_structure": structure[kind][-1]})
                 print(f"{setting:<15} {size:>5} {seed:>4}  " + "  ".join(f"{e:9.3f}" for e in row)
                       + f"  {structure[kind][-1]:9.3f}", flush=True)
     print(f"\n{len(errors['anchor'])} draws in {time.perf_counter() - tic:.0f} s")
@@ -75,6 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nnoise structure of the {default} estimate (0 = spread evenly, 1 = one class each):")
     for kind, values in structure.items():
         print(f"  {kind:<11} min {np.min(values):.3f}  mean {np.mean(values):.3f}  max {np.max(values):.3f}")
+    if args.csv:
+        import pandas as pd
+
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(draws).to_csv(args.csv, index=False, float_format="%.4g")
+        print(f"per-draw rows: {args.csv}")
 
 
 if __name__ == "__main__":

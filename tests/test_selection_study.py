@@ -312,6 +312,29 @@ def test_noise_switch_bands_only_when_the_errors_are_uneven() -> None:
     assert list(criteria.pick("noise_switch", frame)) == []  # no recorded predictions: cannot pick
 
 
+def test_noise_case_switch_follows_the_reports_advice_from_the_estimated_structure() -> None:
+    from tuning.report import STRUCTURE_CUT
+
+    frame = _search(bound=[0.9, 0.5, 0.7, 0.1])
+    band, top = list(criteria.pick("val_band_bound", frame)), list(criteria.pick("val_acc", frame))
+    assert band != top
+    assert list(criteria.pick("noise_case_switch", frame.assign(f_structure=STRUCTURE_CUT - 0.1))) == top
+    assert list(criteria.pick("noise_case_switch", frame.assign(f_structure=STRUCTURE_CUT + 0.1))) == band
+    assert list(criteria.pick("noise_case_switch", frame)) == []  # no estimate of F: no pick
+
+
+def test_the_noise_case_joins_the_tv_searches_of_its_own_draws(tmp_path: Path) -> None:
+    from benchmarks.study.estimated_f import with_noise_case
+
+    frame = pd.DataFrame({"setting": ["pair40", "pair40", "pair40"], "size": ["f500", "f500", "f2000"],
+                          "seed": [1, 1, 1], "arm": ["tv", "pool", "tv"]})
+    pd.DataFrame({"setting": ["pair40"], "kind": ["pair"], "rate": [0.4], "train_size": [500], "seed": [1],
+                  "f_error": [0.3], "f_noise_rate": [0.5], "f_structure": [0.42]}).to_csv(tmp_path / "c.csv")
+    joined = with_noise_case(frame, tmp_path / "c.csv")
+    assert joined["f_structure"].iloc[0] == 0.42 and joined["f_structure"].iloc[1:].isna().all()
+    assert with_noise_case(frame, tmp_path / "missing.csv")["f_structure"].isna().all()
+
+
 def _eb_search(true_acc: np.ndarray, n_val: int, features: np.ndarray, seed: int = 0) -> pd.DataFrame:
     """Candidates right on each validation sample with their true accuracy (independently)."""
     rng = np.random.default_rng(seed)

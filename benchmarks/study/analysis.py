@@ -745,6 +745,7 @@ ORDER = [
     "val_band_measure",
     "val_band_bound_tuned",
     "noise_switch",
+    "noise_case_switch",
     "val_acc_corr_vote",
     "val_acc_eb",
     "val_acc_smooth",
@@ -952,6 +953,7 @@ def analyze(
     estimated = ef.is_estimated(frame)
     if estimated:  # criteria see what the product would give them: the guarded estimate
         frame = ef.guarded(frame)
+        frame = ef.with_noise_case(frame, out / "noise_case.csv")
         subsearch_k = None  # searches of 6 runs: a sub-search of 6 is the search
     corr = correlation_table(frame)
     table = selection_table(frame)
@@ -1037,7 +1039,7 @@ def analyze(
         cost = ef.estimation_cost(table, true_table)
         residual = _residual_taus(frame)
         criteria = [*KEY_CRITERIA, "val_acc_corr", "val_corr_band_bound", "val_acc_eb", "val_acc_smooth",
-                    "val_acc_clean"]
+                    "val_acc_clean", "noise_switch", "noise_case_switch"]
         extra = ef.markdown(summ, cost, ef.f_error_table(frame), residual, criteria)
         parts += [extra, ""]
         keys = [*keys, *ef.key_lines(corr, summ, table, nv, frame)]

@@ -80,6 +80,12 @@ Why each candidate (the theory in one or two lines; docs/results.md has the numb
   Under class-conditional noise the kept set carries a smaller share of wrong labels, so a given
   clean-accuracy difference moves the score more; the cost is a bias toward the consensus.
 
+- ``noise_case_switch`` (what the end-of-sweep report advises, tuning/report.py): ``val_acc`` when
+  the *estimated* F of the search's training labels looks symmetric (``f_structure`` below
+  tuning.report.STRUCTURE_CUT), ``val_band_bound`` otherwise. ``f_structure`` comes from
+  ``benchmarks/transition_estimators.py --csv`` run on the study's own draws (same task, split
+  seed, size and noise); no pick where it is missing (the digits study, whose F was given).
+
 Baselines: ``val_acc`` (noisy-validation accuracy, the reference), ``val_loss``, ``val_bound_loss``
 (B's own loss on the noisy validation labels: a held-out estimate of what B bounds),
 ``train_loss`` (min) and ``random`` (the mean candidate).
@@ -248,6 +254,16 @@ def _noise_switch(frame: pd.DataFrame) -> np.ndarray:
     if math.isnan(p):
         return np.array([], dtype=int)
     return _band_pick(frame, _col(frame, "bound"), BAND_Z) if p < STRUCTURE_ALPHA else _val_top(frame)
+
+
+def _noise_case_switch(frame: pd.DataFrame) -> np.ndarray:
+    from tuning.report import STRUCTURE_CUT
+
+    structure = _col(frame, "f_structure") if "f_structure" in frame else np.array([math.nan])
+    if not np.isfinite(structure).any():
+        return np.array([], dtype=int)
+    symmetric = float(np.nanmedian(structure)) < STRUCTURE_CUT
+    return _val_top(frame) if symmetric else _band_pick(frame, _col(frame, "bound"), BAND_Z)
 
 
 EB_TAUS = tuple(float(t) for t in np.geomspace(1e-3, 0.3, 40))  # a-priori grid for val_acc_eb's τ
@@ -436,6 +452,11 @@ CRITERIA: dict[str, tuple[Spec, _Picker]] = {
         Spec("noise_switch", True, True, "val_band_bound if the top candidate's errors are uneven (χ², p < 0.01), "
              "else val_acc"),
         lambda f, _: _noise_switch(f),
+    ),
+    "noise_case_switch": (
+        Spec("noise_case_switch", True, True, "val_acc if the estimated F looks symmetric (f_structure < 0.29), "
+             "else val_band_bound: the report's advice"),
+        lambda f, _: _noise_case_switch(f),
     ),
     "val_acc_eb": (
         Spec("val_acc_eb", True, True, "max empirical-Bayes val accuracy: val_acc shrunk toward a GLS fit on "

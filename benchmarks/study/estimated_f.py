@@ -44,6 +44,7 @@ __all__ = [
     "residual_tau",
     "side_by_side",
     "true_f_frame",
+    "with_noise_case",
 ]
 
 TRUE_F_PREFIX = "trueF_"
@@ -92,6 +93,19 @@ def true_f_frame(frame: pd.DataFrame, labels_path: Path) -> pd.DataFrame:
     out["bound_floor"] = bound_floor(out)
     out["guard_excess"] = guard_excess(out)
     return guarded(out, cond_column=f"{TRUE_F_PREFIX}F_cond")
+
+
+def with_noise_case(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``f_structure`` of each tv search's estimated F, from ``benchmarks/transition_estimators.py
+    --csv`` on the same draws (setting, training size, split seed); NaN for the pool arm, whose
+    training set (train ∪ val) is another draw, and everywhere when the file is missing."""
+    frame = frame.drop(columns="f_structure", errors="ignore")
+    if not path.is_file():
+        return frame.assign(f_structure=math.nan)
+    draws = pd.read_csv(path)
+    draws = draws.assign(size="f" + draws["train_size"].astype(str), arm="tv")[
+        ["setting", "size", "seed", "arm", "f_structure"]]
+    return frame.merge(draws, on=["setting", "size", "seed", "arm"], how="left")
 
 
 def regime_summary(summary: pd.DataFrame, arm: str = "tv") -> pd.DataFrame:
