@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainables.errors import HesstuneError
+
 __all__ = ["SpaceError"]
 
 
-class SpaceError(ValueError):
+class SpaceError(HesstuneError):
     """A search space is invalid; the message names the file, the key, the value and the fix."""
 
     @classmethod

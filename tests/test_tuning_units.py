@@ -242,3 +242,24 @@ def test_a_trial_larger_than_the_cluster_is_an_error_locally_and_a_warning_on_a_
                      "until its autoscaler adds them (else use --cpus-per-trial ≤ 2)"]
     check_trial_resources(SweepOptions("s", "smoke", RunConfig(), cpus_per_trial=2), lines.append)  # fits
     assert len(lines) == 1
+
+
+def test_cli_turns_only_hesstune_errors_into_one_line_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's mistake is one line and exit 2; an internal bug keeps its traceback."""
+    from trainables.errors import HesstuneError
+    from tuning import cli
+
+    def failing(exc: Exception) -> object:
+        def command(_: object) -> int:
+            raise exc
+
+        return command
+
+    monkeypatch.setattr(cli, "cmd_report", failing(HesstuneError("bad value: use another")))
+    assert cli.main(["report", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "hesstune report: error: bad value: use another"
+    monkeypatch.setattr(cli, "cmd_report", failing(ValueError("an internal bug")))
+    with pytest.raises(ValueError, match="an internal bug"):
+        cli.main(["report", "x"])

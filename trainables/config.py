@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from trainables.errors import HesstuneError
+
 __all__ = [
     "ConfigError",
     "ConsistentConfig",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(HesstuneError):
     """A configuration value is invalid; the message names the value and how to fix it."""
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from trainables.config import ConfigError, RunConfig, load_config
+from trainables.errors import HesstuneError
 
 __all__ = ["main"]
 
 DEFAULT_OUTPUT = "hesstune_runs"
 
 
-class UsageError(ValueError):
+class UsageError(HesstuneError):
     """Bad command-line input."""
 
 
@@ -407,14 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from search_spaces import SpaceError
-    from tuning.sweep import SweepError
-    from tuning.tracking import TrackingError
-
-    return (ConfigError, UsageError, SpaceError, SweepError, TrackingError, ValueError)
-
-
 def _process_environment() -> None:
     """Settings that must precede the first ``import ray`` / ``import mlflow``.
 
@@ -432,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except _errors() as exc:
+    except HesstuneError as exc:  # input a user can fix; anything else is a bug: its traceback shows
         print(f"hesstune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

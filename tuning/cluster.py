@@ -13,10 +13,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from trainables.errors import HesstuneError
+
 __all__ = ["PreflightError", "alive_nodes", "preflight"]
 
 
-class PreflightError(ValueError):
+class PreflightError(HesstuneError):
     """The cluster cannot run this sweep as configured; the message names the node and the fix."""
 
 

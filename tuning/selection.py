@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from trainables.errors import HesstuneError
+
 __all__ = [
     "DEFAULT_CRITERION",
     "METRICS",
@@ -45,6 +47,7 @@ __all__ = [
     "SUMMARY_TARGETS",
     "Criterion",
     "GranulatedKendall",
+    "SelectionError",
     "correlations",
     "expected_regret",
     "expected_test_acc",
@@ -123,6 +126,10 @@ class Criterion:
                 )
 
 
+class SelectionError(HesstuneError):
+    """A selection that cannot be made as asked (unknown criterion, trials without its metric)."""
+
+
 _REGISTRY: dict[str, Criterion] = {}
 
 
@@ -142,7 +149,7 @@ def get_criterion(name: str) -> Criterion:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}") from None
+        raise SelectionError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}") from None
 
 
 def list_criteria() -> list[str]:
@@ -235,7 +242,7 @@ def _sort_key(values: np.ndarray, direction: Direction) -> np.ndarray:
 def _ranked_positions(frame: pd.DataFrame, criterion: Criterion) -> np.ndarray:
     """Row positions of trials with a non-NaN criterion metric, best first."""
     if criterion.needs and criterion.metric not in frame.columns:
-        raise ValueError(f"criterion {criterion.name!r} needs {criterion.needs}; these trials have none")
+        raise SelectionError(f"criterion {criterion.name!r} needs {criterion.needs}; these trials have none")
     primary = _column(frame, criterion.metric)
     eligible = np.flatnonzero(~np.isnan(primary))
     keys = [np.arange(len(frame))]  # last resort: input order
@@ -264,13 +271,13 @@ def select(trials: TrialTable, criterion: str = DEFAULT_CRITERION, *, allow_orac
     """
     chosen = get_criterion(criterion)
     if chosen.evaluation_only and not allow_oracle:
-        raise ValueError(
+        raise SelectionError(
             f"criterion {criterion!r} uses {chosen.metric!r} and is for evaluation only, never for "
             "selection; pass allow_oracle=True to evaluate with it"
         )
     ranked = rank(trials, criterion)
     if not ranked:
-        raise ValueError(f"no trial has a value for {chosen.metric!r}; cannot select by {criterion!r}")
+        raise SelectionError(f"no trial has a value for {chosen.metric!r}; cannot select by {criterion!r}")
     return ranked[0]
 
 
@@ -645,7 +652,7 @@ def add_selection_metrics(
     if np.isfinite(acc).any():
         size = n_val if n_val is not None else (frame["n_val"].to_numpy(float) if "n_val" in frame else None)
         if size is None:
-            raise ValueError("val_band_bound needs the validation size: pass n_val or add a 'n_val' column")
+            raise SelectionError("val_band_bound needs the validation size: pass n_val or add a 'n_val' column")
         paired = paired_validation_band(frame, np.asarray(size, dtype=float), band_z)
         frame.attrs["val_band"] = "unpaired" if paired is None else "paired"
         if paired is None:

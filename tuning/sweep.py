@@ -18,6 +18,7 @@ from typing import Any
 
 from search_spaces import SearchSpace, load_space
 from trainables.config import RunConfig
+from trainables.errors import HesstuneError
 from tuning import selection
 from tuning.tracking import ensure_parent_run, validate_tracking_uri
 
@@ -26,7 +27,7 @@ __all__ = ["SweepError", "SweepOptions", "SweepPaths", "load_sweep", "run_sweep"
 META_FILE = "hesstune_sweep.json"
 
 
-class SweepError(ValueError):
+class SweepError(HesstuneError):
     """A sweep cannot start as asked; the message says what to do."""
 
 

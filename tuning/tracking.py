@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from trainables.errors import HesstuneError
+
 __all__ = [
     "TrackingError",
     "child_runs",
@@ -45,7 +47,7 @@ TRIAL_TAG = "hesstune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-class TrackingError(ValueError):
+class TrackingError(HesstuneError):
     """A tracking URI or store problem, with the fix in the message."""
 
 
