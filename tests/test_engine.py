@@ -360,6 +360,8 @@ def test_the_final_epoch_records_which_validation_samples_the_model_gets_right(t
     correct = (loop.predict(model, task.val.x).argmax(1) == task.val.labels).numpy()
     np.testing.assert_array_equal(bits[: len(task.val)].astype(bool), correct)
     assert correct.mean() == pytest.approx(results[-1].metrics["val_acc"])
+    predicted = [int(c) for c in results[-1].records["val_pred"]]  # one digit per sample (K ≤ 10)
+    np.testing.assert_array_equal(predicted, loop.predict(model, task.val.x).argmax(1).numpy())
 
 
 def test_evaluating_only_some_epochs_trains_the_same_model(task: TaskData) -> None:

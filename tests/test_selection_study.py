@@ -401,6 +401,26 @@ def test_product_val_band_is_the_studys_paired_band_on_the_stored_searches() -> 
     assert unpaired_differs
 
 
+def test_product_val_acc_clean_is_the_studys_on_the_stored_searches() -> None:
+    """tuning.selection's val_acc_clean, from what trials report (val_pred, val_correct; no noisy
+    label), equals the study's criterion, which reads the noisy validation labels, on every stored
+    40 % search of the digits study; and it picks what the study scored."""
+    from tuning.selection import add_selection_metrics, select
+
+    trials = analysis.load_trials(ROOT / "results" / "study" / "trials.csv")
+    tv = trials[(trials["arm"] == "tv") & trials["setting"].isin(["symmetric40", "pair40", "correlated40"])]
+    set_aside = 0
+    for _, search in tv.groupby("search"):
+        search = search.reset_index(drop=True)
+        product = add_selection_metrics(search.drop(columns=["val_labels_pred", "val_scores"]))
+        np.testing.assert_allclose(product["val_acc_clean"], criteria.cleaned_val_acc(search), rtol=0, atol=1e-12)
+        picked = select(product, "val_acc_clean")
+        assert search.index[search["trial_id"] == picked][0] in criteria.pick("val_acc_clean", search)
+        set_aside += int((product["val_acc_clean"] != product["val_acc"]).any())
+    assert set_aside > 0  # the cleaning changed some scores: the comparison is not vacuous
+    assert "val_acc_clean" not in add_selection_metrics(tv.drop(columns=["val_pred"]).iloc[:5])
+
+
 # --------------------------------------------------------------------------- published numbers
 
 

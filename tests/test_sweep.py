@@ -128,6 +128,7 @@ def _val_band_bound_pick(children: pd.DataFrame) -> int:
     correct = np.array([[int(bit) for byte in bytes.fromhex(t) for bit in f"{byte:08b}"][:n_val]
                         for t in children["tags.hesstune.val_correct.0"]], dtype=bool)
     assert np.allclose(correct.mean(1), children["metrics.val_acc"])
+    assert children["tags.hesstune.val_pred.0"].map(len).eq(n_val).all()  # val_acc_clean's per-sample predictions
     top = children["metrics.val_acc"].to_numpy() == children["metrics.val_acc"].max()
     ref = int(np.flatnonzero(top)[np.argmin(children["metrics.val_loss"].to_numpy()[top])])
     wins, losses = (correct[ref] & ~correct).sum(1), (~correct[ref] & correct).sum(1)

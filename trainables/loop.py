@@ -29,6 +29,7 @@ from trainables.noise import (
     noise_rate,
     noise_structure,
 )
+from trainables.records import correctness_text, labels_text
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 from trainables.transition import RunTransition, run_transition
 
@@ -45,7 +46,7 @@ class EpochResult:
     metrics: dict[str, float]
     final: bool
     state: Callable[[], dict[str, Any]] = field(repr=False)
-    records: dict[str, str] = field(default_factory=dict)  # text results: ``val_correct`` at the end
+    records: dict[str, str] = field(default_factory=dict)  # text results at the end (trainables.records)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -229,9 +230,10 @@ def _distances(run: _Run) -> dict[str, float]:
 
 def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, float]:
     """Eval-mode losses/accuracies; ``gap`` uses the same loss and label distribution as training.
-    With ``records``, also which validation samples the model gets right (``val_correct``: the hex
-    of the packed bits, what the paired validation band of ``val_band_bound`` compares trials on)
-    and which noise matrix the run used (``transition``: true, estimated:<method> or none).
+    With ``records``, also which validation samples the model gets right and what it predicts
+    (``val_correct``, ``val_pred``, trainables.records: what ``val_band_bound``'s paired band and
+    ``val_acc_clean`` compare trials on) and which noise matrix the run used (``transition``:
+    true, estimated:<method> or none).
 
     Clean labels and the injected F enter only evaluation metrics (test_*, train_acc_clean,
     memorized, f_error); what selection reads uses the run's F (``run.ctx.transition``)."""
@@ -255,7 +257,9 @@ def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, floa
             m["val_acc_corr"] = corrected_accuracy(pred, val_noisy, transition) if stable else m["val_acc"]
             m["val_acc_corr_fallback"] = 0.0 if stable else 1.0
         if records is not None:
-            records["val_correct"] = np.packbits((val_logits.argmax(1) == data.val.labels).numpy()).tobytes().hex()
+            val_pred = val_logits.argmax(1).numpy()
+            records["val_correct"] = correctness_text(val_pred == data.val.labels.numpy())
+            records["val_pred"] = labels_text(val_pred, data.num_classes)  # val_acc_clean's consensus
     if transition is not None:  # bound_floor's H_F (tuning.selection.add_selection_metrics) …
         m["noise_entropy"] = noise_entropy(transition)
         m["f_noise_rate"] = noise_rate(transition)  # … and the noise case the report names

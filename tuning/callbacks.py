@@ -45,7 +45,7 @@ _RAY_KEYS = {
 
 # Text a trial reports at its end, stored as tags (tuning.tracking.set_text_tags), and short
 # text stored as one tag ``hesstune.<key>`` (``transition``: which noise matrix F the trial used).
-TEXT_RESULTS = ("val_correct",)
+TEXT_RESULTS = ("val_correct", "val_pred")
 TAG_RESULTS = ("transition",)
 
 

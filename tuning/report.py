@@ -52,7 +52,8 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
     table.insert(0, "trial_id", runs[f"tags.{TRIAL_TAG}"].to_numpy())
     table.insert(1, "run_id", runs["run_id"].to_numpy())
     records = runs.to_dict("records")
-    table["val_correct"] = [text_from_tags(row, "val_correct") for row in records]  # val_band_bound's pairing
+    for key in ("val_correct", "val_pred"):  # per validation sample: val_band_bound's pairing, val_acc_clean
+        table[key] = [text_from_tags(row, key) for row in records]
     param_cols = [c for c in runs.columns if c.startswith("params.")]
     table["params"] = [
         {c.removeprefix("params."): v for c, v in row.items() if isinstance(v, str)}
@@ -91,7 +92,7 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         lines.append("")
     regrets = {
         c: selection.regret(table, c)
-        for c in ("val_band_bound", "bound", "measure", "val_acc", "val_acc_corr")
+        for c in ("val_band_bound", "val_acc_clean", "bound", "measure", "val_acc", "val_acc_corr")
         if _has(table, c)
     }
     if regrets:

@@ -38,8 +38,10 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from trainables.errors import HesstuneError
+from trainables.records import correctness_from_text, labels_from_text
 
 __all__ = [
+    "CLEAN_AGREEMENT",
     "DEFAULT_CRITERION",
     "METRICS",
     "SUMMARY_CRITERIA",
@@ -48,6 +50,7 @@ __all__ = [
     "Criterion",
     "GranulatedKendall",
     "SelectionError",
+    "cleaned_validation_accuracy",
     "correlations",
     "expected_regret",
     "expected_test_acc",
@@ -518,8 +521,9 @@ def _selection_stats(frame: pd.DataFrame) -> dict[str, float]:
         frame = add_selection_metrics(frame)
     if "val_band_bound" in frame:
         criteria.append("val_band_bound")
-    if "val_acc_corr" in frame and np.isfinite(frame["val_acc_corr"].to_numpy(float)).any():
-        criteria.append("val_acc_corr")
+    for extra in ("val_acc_corr", "val_acc_clean"):
+        if extra in frame and np.isfinite(frame[extra].to_numpy(float)).any():
+            criteria.append(extra)
     stats = {f"regret_{c}": regret(frame, c) for c in criteria}
     stats["expected_regret_val_acc"] = expected_regret(frame, "val_acc")
     stats["agreement_bound_val_acc"] = ranking_agreement(frame, "bound", "val_acc")
@@ -594,8 +598,39 @@ def validation_correctness(frame: pd.DataFrame, n_val: np.ndarray | float) -> np
     n = int(sizes[scored][0]) if scored.any() else 0
     correct = np.zeros((len(frame), n), dtype=bool)
     for i in np.flatnonzero(scored):
-        correct[i] = np.unpackbits(np.frombuffer(bytes.fromhex(texts[i]), dtype=np.uint8))[:n].astype(bool)
+        correct[i] = correctness_from_text(texts[i], n)
     return correct
+
+
+CLEAN_AGREEMENT = 0.8  # fixed before val_acc_clean was scored (docs/results.md)
+
+
+def cleaned_validation_accuracy(frame: pd.DataFrame, n_val: np.ndarray | float) -> np.ndarray | None:
+    """``val_acc_clean``: each trial's accuracy on the validation samples whose noisy label the
+    trials' consensus does not contradict. A sample is set aside when at least
+    :data:`CLEAN_AGREEMENT` of the trials predict one class and that class is not its label (the
+    trials predicting it got the sample wrong). None when some trial with a val_acc lacks its
+    per-sample predictions ``val_pred`` or correctness ``val_correct``; NaN for trials without a
+    val_acc."""
+    correct = validation_correctness(frame, n_val)
+    texts = frame["val_pred"].to_numpy(object) if "val_pred" in frame else np.full(len(frame), None)
+    scored = np.isfinite(frame["val_acc"].to_numpy(float))
+    if correct is None or not scored.any() or not all(isinstance(texts[i], str) for i in np.flatnonzero(scored)):
+        return None
+    rows = np.flatnonzero(scored)
+    pred = np.stack([labels_from_text(texts[i])[: correct.shape[1]] for i in rows])
+    right = correct[rows]
+    if pred.shape[1] != right.shape[1]:
+        return None
+    k = int(pred.max()) + 1
+    votes = np.stack([np.bincount(column, minlength=k) for column in pred.T])  # [n_val, k]
+    consensus, share = votes.argmax(1), votes.max(1) / len(rows)
+    voters_right = (right & (pred == consensus)).any(0)  # a voter right on the sample: consensus = label
+    keep = ~((share >= CLEAN_AGREEMENT) & ~voters_right)
+    out = np.full(len(frame), np.nan)
+    if keep.any():
+        out[rows] = right[:, keep].mean(1)
+    return out
 
 
 def paired_validation_band(frame: pd.DataFrame, n_val: np.ndarray, z: float = 1.0) -> np.ndarray | None:
@@ -640,6 +675,9 @@ def add_selection_metrics(
       √(a(1 − a)/n_val) of the best a. The study measured the paired band (docs/results.md: −0.4
       points of regret against val_acc; unpaired −0.0). ``frame.attrs["val_band"]`` says which.
       ``n_val``: the validation size (or a ``n_val`` column). Needs ``val_acc`` and ``bound``.
+    * ``val_acc_clean`` (when every trial with a ``val_acc`` also has ``val_pred`` and
+      ``val_correct``): accuracy on the validation samples the trials' consensus does not
+      contradict (:func:`cleaned_validation_accuracy`).
     * ``bound_floor`` (when the table has ``bound_loss``, ``bound_C``, ``measure`` and H_F:
       ``noise_entropy`` or a ``noise_entropy`` column, which trials report from the F they used):
       max(L̂, H_F) + √C · M, B with its loss term floored at the noise entropy
@@ -660,6 +698,9 @@ def add_selection_metrics(
             width = band_z * np.sqrt(best * (1 - best) / np.asarray(size, dtype=float))
             paired = acc >= best - width - 1e-12
         frame["val_band_bound"] = np.where(paired, bound, np.nan)
+        clean = cleaned_validation_accuracy(frame, np.asarray(size, dtype=float))
+        if clean is not None:  # trials that predate val_pred cannot be cleaned: the column stays absent
+            frame["val_acc_clean"] = clean
     else:
         frame["val_band_bound"] = np.nan
     if noise_entropy is not None and {"bound_loss", "bound_C"} <= set(frame.columns):
@@ -678,6 +719,15 @@ for _study in (
         "that did not report per-sample correctness); ties broken by higher val_acc",
         tie_breakers=(("val_acc", "max"),),
         needs="trials that report val_acc, bound and n_val (a validation split)",
+    ),
+    Criterion(
+        "val_acc_clean",
+        "val_acc_clean",
+        "max",
+        "highest noisy-validation accuracy on the samples whose label the trials' 80 % consensus does not "
+        "contradict (no noise matrix, no Hessian); ties broken by higher val_acc, then lower val_loss",
+        tie_breakers=(("val_acc", "max"), ("val_loss", "min")),
+        needs="trials that report their per-sample validation predictions (val_pred; sweeps since this version)",
     ),
     Criterion(
         "val_acc_corr",
