@@ -362,9 +362,14 @@ def test_summary_of_empty_sweep() -> None:
 # --------------------------------------------------------------------------- recommended selection
 
 
-def test_recommended_selection_is_val_band_bound_only_with_a_validation_split() -> None:
+def test_recommended_selection_follows_the_noise_case_and_needs_a_validation_split() -> None:
     with_val = [{**t, "n_val": 100.0} for t in _trials()]
-    assert selection.recommended_criterion(with_val) == "val_band_bound"
+    assert selection.recommended_criterion(with_val) == "val_band_bound"  # no F structure reported
+    cut = selection.STRUCTURE_CUT
+    symmetric = [{**t, "f_structure": cut - 0.05} for t in with_val]
+    assert selection.recommended_criterion(symmetric) == "val_acc"
+    dependent = [{**t, "f_structure": cut + 0.05} for t in with_val]
+    assert selection.recommended_criterion(dependent) == "val_band_bound"
     assert selection.recommended_criterion(_trials()) == "bound"  # size unknown
     no_val = [{**t, "n_val": 0.0, "val_acc": NAN} for t in _trials()]
     assert selection.recommended_criterion(no_val) == "bound"

@@ -313,14 +313,14 @@ def test_noise_switch_bands_only_when_the_errors_are_uneven() -> None:
 
 
 def test_noise_case_switch_follows_the_reports_advice_from_the_estimated_structure() -> None:
-    from tuning.report import STRUCTURE_CUT
+    from tuning.selection import STRUCTURE_CUT
 
     frame = _search(bound=[0.9, 0.5, 0.7, 0.1])
     band, top = list(criteria.pick("val_band_bound", frame)), list(criteria.pick("val_acc", frame))
     assert band != top
     assert list(criteria.pick("noise_case_switch", frame.assign(f_structure=STRUCTURE_CUT - 0.1))) == top
     assert list(criteria.pick("noise_case_switch", frame.assign(f_structure=STRUCTURE_CUT + 0.1))) == band
-    assert list(criteria.pick("noise_case_switch", frame)) == []  # no estimate of F: no pick
+    assert list(criteria.pick("noise_case_switch", frame)) == band  # no F to read: the product's fallback
 
 
 def test_the_noise_case_joins_the_tv_searches_of_its_own_draws(tmp_path: Path) -> None:
@@ -516,6 +516,9 @@ def test_residual_tau_separates_a_measure_that_only_tracks_the_hyperparameters()
     assert abs(residual_tau(tracking)) < 0.2 and residual_tau(informative) > 0.9
 
 
+DEFAULT_SELECTION = "noise_case_switch"  # benchmarks.study.estimated_f.DEFAULT: the product's default
+
+
 def _study_frames(delta_pair: float, nosplit_pair: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """corr/selection/no-val tables of a two-seed study at 40 % noise: the default's regret is
     val_acc's + ``delta_pair`` under pair noise (+0.01 elsewhere); B on the pool beats the refit by
@@ -527,7 +530,7 @@ def _study_frames(delta_pair: float, nosplit_pair: float) -> tuple[pd.DataFrame,
             corr.append({**key, "tau/measure/gap": 0.8})
             val = 0.05 + 0.01 * seed
             delta = delta_pair if kind == "pair" else 0.01
-            table += [{**key, "criterion": "val_acc", "regret": val}, {**key, "criterion": "val_band_bound",
+            table += [{**key, "criterion": "val_acc", "regret": val}, {**key, "criterion": DEFAULT_SELECTION,
                                                                         "regret": val + delta}]
             gain = nosplit_pair if kind == "pair" else -0.03
             nv += [{"setting": f"{kind}40", "procedure": "(a) bound on pool", "acc": 0.8 + gain},

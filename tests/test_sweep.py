@@ -59,6 +59,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> 
         "measure.eigen_samples=32",
         "--seed",
         "3",
+        "--noise",  # class-dependent: the default selection is val_band_bound (symmetric: val_acc)
+        "pair:0.4",
         env=cli_env,
         cwd=elsewhere,
     )
@@ -151,8 +153,8 @@ def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str
     assert "Leaderboard by val_band_bound" in stdout and "Correlation with the true test gap" in stdout
     assert "validation band from the trials' per-sample validation correctness (paired)" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
-    assert "Noise case (the injected F): about 40% of the training labels wrong" in stdout  # the default noise
-    assert "symmetric-like" in stdout
+    assert "Noise case (the injected F): about 40% of the training labels wrong" in stdout
+    assert "class-dependent" in stdout and "the default selection is val_band_bound" in stdout
     assert stdout.count("[") >= 4  # one progress line per trial
 
 

@@ -233,7 +233,8 @@ def _case_table(rate: float, structure: float | None, *, revealed: bool) -> Any:
 
 
 def test_the_report_names_the_noise_case_from_the_f_the_trials_used() -> None:
-    from tuning.report import STRUCTURE_CUT, format_report, noise_case
+    from tuning.report import format_report, noise_case
+    from tuning.selection import STRUCTURE_CUT
 
     symmetric = "\n".join(noise_case(_case_table(0.4, 0.1, revealed=False)))
     assert "about 40% of the training labels wrong" in symmetric and "symmetric-like" in symmetric

@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=selection.DEFAULT_CRITERION,
         help=(
             "what Optuna optimises: bound (default), measure, val_acc or val_loss (the pick is report/export's "
-            "--criterion: val_band_bound with a validation split, else bound)"
+            "--criterion, which by default follows the noise case: docs/results.md)"
         ),
     )
     s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri")
         p.add_argument(
             "--criterion",
-            help="ranking criterion (default: val_band_bound when the sweep has a validation split, else bound)",
+            help="ranking criterion (default: val_acc when the trials' noise matrix looks symmetric, else "
+            "val_band_bound; bound without a validation split)",
         )
         p.add_argument("--top", type=int, default=10 if cmd == "report" else 1)
         if cmd == "export":

@@ -12,6 +12,7 @@ import yaml
 
 from trainables.config import RunConfig
 from tuning import selection
+from tuning.selection import STRUCTURE_CUT
 from tuning.tracking import TRIAL_TAG, child_runs, metric_name, text_from_tags
 
 __all__ = [
@@ -108,11 +109,6 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-# noise_structure of F above which the noise counts as class-dependent: the midpoint of the gap
-# on Fashion-MNIST, where the default estimate scored 0.03–0.24 under symmetric noise and
-# 0.35–0.92 under pair and correlated noise (54 draws, benchmarks/transition_estimators.py;
-# docs/transition.md, "Which noise case a sweep is in").
-STRUCTURE_CUT = 0.29
 LITTLE_NOISE = 0.05  # f_noise_rate below this: the criteria should agree
 
 
@@ -142,12 +138,14 @@ def noise_case(table: pd.DataFrame) -> list[str]:
 
 
 SYMMETRIC_ADVICE = (
-    "Under symmetric noise, noisy validation accuracy ranks models like clean accuracy does; in the "
-    "selection studies val_acc picked as well as val_band_bound or better (docs/results.md)."
+    "Under symmetric noise, noisy validation accuracy ranks models as clean accuracy does, so the default "
+    "selection is val_acc: in both selection studies the Hessian band only added variance there "
+    "(docs/results.md)."
 )
 CLASS_DEPENDENT_ADVICE = (
-    "Under class-dependent noise, validation accuracy rewards models that learned the flips; in the "
-    "selection studies val_band_bound picked better than val_acc (docs/results.md)."
+    "Under class-dependent noise, validation accuracy rewards models that learned the flips, so the default "
+    "selection is val_band_bound (the lowest bound B among trials not significantly worse on validation): "
+    "it beat val_acc there in both selection studies (docs/results.md)."
 )
 
 

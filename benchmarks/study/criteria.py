@@ -82,9 +82,11 @@ Why each candidate (the theory in one or two lines; docs/results.md has the numb
 
 - ``noise_case_switch`` (what the end-of-sweep report advises, tuning/report.py): ``val_acc`` when
   the *estimated* F of the search's training labels looks symmetric (``f_structure`` below
-  tuning.report.STRUCTURE_CUT), ``val_band_bound`` otherwise. ``f_structure`` comes from
+  tuning.selection.STRUCTURE_CUT), ``val_band_bound`` otherwise. ``f_structure`` comes from
   ``benchmarks/transition_estimators.py --csv`` run on the study's own draws (same task, split
-  seed, size and noise); no pick where it is missing (the digits study, whose F was given).
+  seed, size and noise) for a study with an estimated F, and from the F the runs used otherwise
+  (the digits study's, revealed); ``val_band_bound`` where there is none (no noise, as the
+  product does when trials report no ``f_structure``).
 
 Baselines: ``val_acc`` (noisy-validation accuracy, the reference), ``val_loss``, ``val_bound_loss``
 (B's own loss on the noisy validation labels: a held-out estimate of what B bounds),
@@ -257,12 +259,10 @@ def _noise_switch(frame: pd.DataFrame) -> np.ndarray:
 
 
 def _noise_case_switch(frame: pd.DataFrame) -> np.ndarray:
-    from tuning.report import STRUCTURE_CUT
+    from tuning.selection import STRUCTURE_CUT
 
     structure = _col(frame, "f_structure") if "f_structure" in frame else np.array([math.nan])
-    if not np.isfinite(structure).any():
-        return np.array([], dtype=int)
-    symmetric = float(np.nanmedian(structure)) < STRUCTURE_CUT
+    symmetric = bool(np.isfinite(structure).any()) and float(np.nanmedian(structure)) < STRUCTURE_CUT
     return _val_top(frame) if symmetric else _band_pick(frame, _col(frame, "bound"), BAND_Z)
 
 
