@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from trainables.noise import corrected_accuracy, noise_entropy
+from trainables.records import labels_from_text, labels_text
 
 from .design import Job, method_name, sample_config
 
@@ -132,20 +133,6 @@ def _consistent_loss(logits: Any, labels: Any, transition: np.ndarray | None, ca
 
 def _bits(correct: Any) -> str:
     return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
-
-
-def labels_text(labels: Any, k: int) -> str:
-    """Per-sample labels as text: one digit each for K ≤ 10 (the digits study's stored form), else
-    comma-terminated numbers ("12,7,95,"), so that either form reads back unambiguously."""
-    values = np.asarray(labels).tolist()
-    return "".join(map(str, values)) if k <= 10 else "".join(f"{v}," for v in values)
-
-
-def labels_from_text(text: str) -> np.ndarray:
-    """The inverse of :func:`labels_text`."""
-    if "," in text:
-        return np.array([int(v) for v in text.split(",") if v], dtype=np.int64)
-    return (np.frombuffer(text.encode(), dtype=np.uint8) - 48).astype(np.int64)
 
 
 def _f_columns(measure: float, logits: dict[str, Any], data: Any, transition: np.ndarray | None) -> dict[str, Any]:
