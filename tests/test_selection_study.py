@@ -499,6 +499,25 @@ def test_published_key_lines_match_the_stored_summary() -> None:
         assert published[key] == summary[key]
 
 
+@pytest.mark.skipif(not (FASHION / "summary.json").is_file(), reason="no stored Fashion-MNIST study results")
+def test_published_fashion_key_lines_match_the_stored_summary() -> None:
+    import json
+
+    summary = json.loads((FASHION / "summary.json").read_text())
+    block = DOCS.read_text().split("<!-- begin:fashion-keys -->", 1)[1].split("<!-- end:fashion-keys -->", 1)[0]
+    published = dict(line.split(": ", 1) for line in block.strip().strip("`").strip().splitlines())
+    required = [
+        "fashion_kendall_tau_measure_gap_noise40",
+        *(f"fashion_regret_{who}_noise40_{kind}" for who in ("default", "val_noisy")
+          for kind in ("symmetric", "pair", "correlated")),
+        "fashion_worst_regret_default_minus_val",
+        "fashion_regret_nosplit_hessian_noise40_symmetric",
+        "fashion_f_error_noise40",
+    ]
+    for key in required:
+        assert published[key] == summary[key], key
+
+
 def test_residual_tau_separates_a_measure_that_only_tracks_the_hyperparameters() -> None:
     """M and the gap both driven by lr alone: τ(M, gap) is high, the residual τ near 0; when the
     gap also follows what M adds beyond lr, the residual τ stays high."""
