@@ -173,6 +173,29 @@ def test_export_then_train_reproduces_the_selected_trial(
     final = json.loads((tmp_path / "replay" / "metrics.json").read_text())["final"]
     for key in ("train_loss", "val_acc", "test_acc", "gap", "measure", "bound"):
         assert final[key] == pytest.approx(chosen[f"metrics.{key}"], rel=1e-6, abs=1e-9), key
+    _exported_weights_reproduce_the_trial(tmp_path / "best", chosen)
+
+
+def _exported_weights_reproduce_the_trial(folder: Path, chosen: pd.Series) -> None:
+    """The exported weights (the trial's final checkpoint, no retraining), loaded the way the model
+    card says, give the trial's logged clean test accuracy on the task's test images."""
+    import safetensors.torch
+    import timm
+
+    from trainables.config import load_config
+    from trainables.data import load_task
+    from trainables.loop import predict
+
+    card = json.loads((folder / "1.card.json").read_text())
+    assert card["trial_id"] == chosen["tags.hesstune.trial_id"] and card["criterion"] == "val_band_bound"
+    assert card["metrics"]["bound"] == pytest.approx(chosen["metrics.bound"]) and card["epoch"] == 2
+    cfg = load_config(folder / card["config"])
+    model = timm.create_model(card["model"], num_classes=card["num_classes"])
+    model.load_state_dict(safetensors.torch.load_file(folder / "1.safetensors"))
+    model.eval()
+    test = load_task(cfg.task).test
+    accuracy = float((predict(model, test.x).argmax(1) == test.clean).float().mean())
+    assert accuracy == pytest.approx(chosen["metrics.test_acc"], abs=1e-6)
 
 
 def test_report_command(sweep: dict[str, object], cli_env: dict[str, str]) -> None:

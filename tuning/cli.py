@@ -266,8 +266,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if table.empty:
         raise UsageError(f"sweep {args.name!r} has no finished trial to export")
     criterion = criterion or selection.recommended_criterion(table)
-    for path in export_configs(table, criterion, args.top, Path(args.o).expanduser().resolve(), refit=args.refit):
-        print(f"wrote {path}  (replay: hesstune train --config {path})")
+    from tuning.sweep import SweepPaths
+
+    trials_dir = SweepPaths(_output(args).resolve(), args.name).experiment
+    folder = Path(args.o).expanduser().resolve()
+    paths = export_configs(table, criterion, args.top, folder, refit=args.refit, trials_dir=trials_dir, sweep=args.name)
+    for path in paths:
+        hint = {".yaml": f"  (replay: hesstune train --config {path})",
+                ".json": "  (model card: what was picked, why, how to load it)"}
+        print(f"wrote {path}{hint.get(path.suffix, '')}")
+    if not any(p.suffix == ".safetensors" for p in paths):
+        print(f"no trial checkpoint under {trials_dir}: configs only (replay them with hesstune train)")
     return 0
 
 
@@ -378,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for cmd, helptext in (
         ("report", "leaderboard and correlation table of a sweep"),
-        ("export", "write the best trials' configs as replayable YAML files"),
+        ("export", "write the best trials' configs (replayable YAML), final weights (safetensors) and model cards"),
     ):
         p = sub.add_parser(cmd, help=helptext)
         p.add_argument("name")
