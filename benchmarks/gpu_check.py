@@ -68,24 +68,25 @@ def measures(model: nn.Module, batches: Batches, reference: dict[str, Tensor]) -
     """M's per-layer max forms, trace and λ_max with fixed generators (the product's batch sizes)."""
     forms = layer_curvatures(model, per_sample_cross_entropy, batches, reference, reduce="max")
     small = training_batches(batches)
-    trace, _ = hessian_trace(model, per_sample_cross_entropy, small, max_probes=48,
-                             generator=torch.Generator().manual_seed(5))
-    top = top_eigenvalue(model, per_sample_cross_entropy, small[:4], iters=15,
-                         generator=torch.Generator().manual_seed(6))
+    trace, _ = hessian_trace(
+        model, per_sample_cross_entropy, small, max_probes=48, generator=torch.Generator().manual_seed(5)
+    )
+    top = top_eigenvalue(
+        model, per_sample_cross_entropy, small[:4], iters=15, generator=torch.Generator().manual_seed(6)
+    )
     return {**{f"h/{name}": value for name, value in forms.items()}, "trace": trace, "lambda_max": top}
 
 
 def training_batches(batches: Batches) -> Batches:
     """``batches`` re-cut at the training batch size (trace and Lanczos run there, as in a trial)."""
-    return [(x[i:i + TRAIN_BATCH], y[i:i + TRAIN_BATCH]) for x, y in batches for i in range(0, len(x), TRAIN_BATCH)]
+    return [(x[i : i + TRAIN_BATCH], y[i : i + TRAIN_BATCH]) for x, y in batches for i in range(0, len(x), TRAIN_BATCH)]
 
 
 def largest_relative_difference(a: dict[str, float], b: dict[str, float]) -> float:
     """max_k |a_k − b_k| / |b_k|, a layer's form measured against at least 1e-6 of the largest form
     (a form near zero has no meaningful relative error in fp32)."""
     largest_form = max((abs(v) for k, v in b.items() if k.startswith("h/")), default=0.0)
-    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6 * largest_form if k.startswith("h/") else 0.0, 1e-30)
-               for k in b)
+    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6 * largest_form if k.startswith("h/") else 0.0, 1e-30) for k in b)
 
 
 def setup(device: torch.device, samples: int) -> tuple[nn.Module, Batches, dict[str, Tensor]]:
@@ -102,7 +103,8 @@ def agreement(device: torch.device, samples: int) -> dict[str, float]:
     for enabled in (True, False):
         with tf32(enabled):
             out[f"agree_tf32_{'on' if enabled else 'off'}"] = largest_relative_difference(
-                measures(*setup(device, samples)), cpu)
+                measures(*setup(device, samples)), cpu
+            )
     return out
 
 
@@ -113,9 +115,13 @@ def cost(device: torch.device, samples: int, repeats: int) -> dict[str, float]:
     y = torch.cat([b[1] for b in batches])
     step = interleaved_medians(hvp_tasks(model, x[:TRAIN_BATCH], y[:TRAIN_BATCH]), repeats, sync)
     whole = interleaved_medians(
-        {"epoch": epoch_task(model, x, y),
-         "measure": lambda: layer_curvatures(model, per_sample_cross_entropy, batches, reference, reduce="max")},
-        max(3, repeats // 3), sync)
+        {
+            "epoch": epoch_task(model, x, y),
+            "measure": lambda: layer_curvatures(model, per_sample_cross_entropy, batches, reference, reduce="max"),
+        },
+        max(3, repeats // 3),
+        sync,
+    )
     layers = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
     return {
         "hvp_over_grad": step["hvp_round"] / PROBES_PER_BATCH / step["gradient"],
@@ -136,7 +142,7 @@ def memory(device: torch.device, samples: int) -> dict[str, float]:
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
         for start in (0, 32, 64):
             optimizer.zero_grad(set_to_none=True)
-            per_sample_cross_entropy(model(x[start:start + 32]), y[start:start + 32]).mean().backward()
+            per_sample_cross_entropy(model(x[start : start + 32]), y[start : start + 32]).mean().backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.eval()
@@ -161,8 +167,24 @@ def memory(device: torch.device, samples: int) -> dict[str, float]:
 
 def sweep(output: Path) -> dict[str, float]:
     """A 4-trial smoke sweep on fractional GPUs through the CLI; returns its exit status."""
-    command = [sys.executable, "-m", "tuning.cli", "sweep", "--space", "smoke", "--trials", "4",
-               "--gpus-per-trial", "0.5", "--set", "device=cuda", "--output", str(output), "--name", "gpu-check"]
+    command = [
+        sys.executable,
+        "-m",
+        "tuning.cli",
+        "sweep",
+        "--space",
+        "smoke",
+        "--trials",
+        "4",
+        "--gpus-per-trial",
+        "0.5",
+        "--set",
+        "device=cuda",
+        "--output",
+        str(output),
+        "--name",
+        "gpu-check",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True)
     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
     return {"sweep_exit_status": float(proc.returncode)}
@@ -181,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"gpu_check on {name}, torch {torch.__version__}, {args.samples} samples")
-    results = {**agreement(device, args.samples), **cost(device, args.samples, args.repeats),
-               **memory(device, args.samples)}
+    results = {
+        **agreement(device, args.samples),
+        **cost(device, args.samples, args.repeats),
+        **memory(device, args.samples),
+    }
     if args.sweep:
         with tempfile.TemporaryDirectory() as folder:
             results.update(sweep(Path(folder)))

@@ -70,18 +70,23 @@ def make_model() -> nn.Module:
 
 def make_data(samples: int) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return (torch.randn(samples, 3, 32, 32, generator=generator),
-            torch.randint(0, CLASSES, (samples,), generator=generator))
+    return (
+        torch.randn(samples, 3, 32, 32, generator=generator),
+        torch.randint(0, CLASSES, (samples,), generator=generator),
+    )
 
 
 def make_reference(model: nn.Module) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(2)
-    return {name: p.detach() - 0.01 * torch.randn(p.shape, generator=generator).to(p.device)
-            for name, p in model.named_parameters()}
+    return {
+        name: p.detach() - 0.01 * torch.randn(p.shape, generator=generator).to(p.device)
+        for name, p in model.named_parameters()
+    }
 
 
-def interleaved_medians(tasks: dict[str, Callable[[], object]], repeats: int,
-                        sync: Callable[[], object] = lambda: None) -> dict[str, float]:
+def interleaved_medians(
+    tasks: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], object] = lambda: None
+) -> dict[str, float]:
     """Median wall time of each task over ``repeats`` interleaved rounds, after one warm-up round
     (``sync`` waits for queued device work, e.g. ``torch.cuda.synchronize``)."""
     for task in tasks.values():
@@ -110,8 +115,10 @@ def hvp_tasks(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], 
     def hvp() -> object:
         return batch_hvp(model, per_sample_cross_entropy, leaves, vector, x, y)
 
-    round_vectors = [[torch.randn(p.shape, generator=generator).to(p.device) for p in params.values()]
-                     for _ in range(PROBES_PER_BATCH)]
+    round_vectors = [
+        [torch.randn(p.shape, generator=generator).to(p.device) for p in params.values()]
+        for _ in range(PROBES_PER_BATCH)
+    ]
 
     def hvp_round() -> object:
         return batch_hvps(model, per_sample_cross_entropy, leaves, round_vectors, x, y)
@@ -139,9 +146,11 @@ def epoch_task(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], object]:
 def measure_tasks(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> dict[str, Callable[[], object]]:
     reference = make_reference(model)
     batches = list(zip(x.split(batch), y.split(batch), strict=True))
+
     def task(method: Method) -> Callable[[], object]:
-        return lambda: layer_curvatures(model, per_sample_cross_entropy, batches, reference, reduce="max",
-                                        method=method)
+        return lambda: layer_curvatures(
+            model, per_sample_cross_entropy, batches, reference, reduce="max", method=method
+        )
 
     return {"auto": task("auto"), "nested": task("nested")}
 
@@ -176,19 +185,26 @@ def main() -> None:
     per_product = step["hvp_round"] / PROBES_PER_BATCH
     hvp_over_grad = per_product / step["gradient"]
     epochs = {method: whole[method] / whole["epoch"] for method in ("auto", "nested")}
-    print(f"test_resnet, {args.samples} samples, {threads} threads, torch {torch.__version__}, "
-          f"median of {args.repeats} interleaved repeats")
+    print(
+        f"test_resnet, {args.samples} samples, {threads} threads, torch {torch.__version__}, "
+        f"median of {args.repeats} interleaved repeats"
+    )
     print(f"{'quantity':<44}{'seconds':>10}{'ratio':>10}")
     print(f"{'gradient (fwd+bwd, batch 32)':<44}{step['gradient']:>10.4f}{1.0:>10.2f}")
-    print(f"{'lone HVP, double backward (Lanczos)':<44}{step['hvp']:>10.4f}"
-          f"{step['hvp'] / step['gradient']:>10.2f}  x gradient")
-    print(f"{f'HVP in a round of {PROBES_PER_BATCH} (trace), per product':<44}{per_product:>10.4f}"
-          f"{hvp_over_grad:>10.2f}  x gradient")
+    print(
+        f"{'lone HVP, double backward (Lanczos)':<44}{step['hvp']:>10.4f}"
+        f"{step['hvp'] / step['gradient']:>10.2f}  x gradient"
+    )
+    print(
+        f"{f'HVP in a round of {PROBES_PER_BATCH} (trace), per product':<44}{per_product:>10.4f}"
+        f"{hvp_over_grad:>10.2f}  x gradient"
+    )
     print(f"{'training epoch over S (batch 32)':<44}{whole['epoch']:>10.4f}{1.0:>10.2f}")
     print(f"{f'floor (1 + L)/3, L = {layers}':<44}{'':>10}{floor:>10.2f}  epochs")
     for method, label in (("auto", "per-sample max measure, auto"), ("nested", "same, method='nested' (once)")):
-        print(f"{label:<44}{whole[method]:>10.4f}{epochs[method]:>10.2f}  epochs = "
-              f"{epochs[method] / floor:.2f} x floor")
+        print(
+            f"{label:<44}{whole[method]:>10.4f}{epochs[method]:>10.2f}  epochs = {epochs[method] / floor:.2f} x floor"
+        )
     print(f"hvp_over_grad: {hvp_over_grad:.3f}")
     print(f"measure_over_floor: {epochs['auto'] / floor:.3f}")
 

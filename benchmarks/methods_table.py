@@ -48,8 +48,20 @@ from trainables.loop import DivergedError, fine_tune
 LR3 = (1e-4, 3e-4, 1e-3)
 LR9 = (3e-5, 5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 3e-3)
 EPOCH_GRID = (5, 10, 15, 20, 25, 30)
-KEPT = ("train_acc", "train_acc_clean", "val_acc", "val_loss", "test_acc", "memorized", "epoch_s",
-        "distance", "dist/head", "sl_precision", "sl_recall", "sl_changed")
+KEPT = (
+    "train_acc",
+    "train_acc_clean",
+    "val_acc",
+    "val_loss",
+    "test_acc",
+    "memorized",
+    "epoch_s",
+    "distance",
+    "dist/head",
+    "sl_precision",
+    "sl_recall",
+    "sl_changed",
+)
 
 
 @dataclass(frozen=True)
@@ -68,27 +80,51 @@ class Arm:
 
 
 REGSL_FIXED: dict[str, Any] = {
-    "constraint.enabled": True, "constraint.mode": "projection", "constraint.growth": 1.5,
-    "constraint.head_radius": 1.0, "constraint.head_from_zero": False,
-    "self_label.enabled": True, "self_label.threshold": 0.9, "self_label.correct_start": 10,
-    "self_label.reweight_start": 5, "self_label.temperature": 2.0,
+    "constraint.enabled": True,
+    "constraint.mode": "projection",
+    "constraint.growth": 1.5,
+    "constraint.head_radius": 1.0,
+    "constraint.head_from_zero": False,
+    "self_label.enabled": True,
+    "self_label.threshold": 0.9,
+    "self_label.correct_start": 10,
+    "self_label.reweight_start": 5,
+    "self_label.temperature": 2.0,
 }
 
 DEFAULT_ARMS: dict[str, Arm] = {
     "plain": Arm("plain", "plain fine-tuning", {}, {"optim.lr": LR9}, {"optim.lr": 1e-3}),
-    "regsl": Arm("regsl", "REGSL (constraint + self-labeling)", REGSL_FIXED,
-                 {"optim.lr": LR3, "constraint.radius": (0.1, 0.3, 1.0)},
-                 {"optim.lr": 1e-3, "constraint.radius": 0.3}),
-    "nso": Arm("nso", "NSO (k = 1, two-point)", {"nso.enabled": True, "nso.k": 1, "nso.lam": 0.0},
-               {"optim.lr": LR3, "nso.sigma": (0.01, 0.02, 0.04)},
-               {"optim.lr": 1e-3, "nso.sigma": 0.01}),
-    "scratch": Arm("scratch", "plain, from scratch", {"model.pretrained": "none"}, {"optim.lr": LR9},
-                   {"optim.lr": 1e-3}),
-    "sam": Arm("sam", "SAM (extra)", {"sam.enabled": True}, {"optim.lr": LR3, "sam.rho": (0.02, 0.05, 0.1)},
-               {"optim.lr": 1e-3, "sam.rho": 0.05}),
-    "consistent": Arm("consistent", "consistent loss, known F (extra)",
-                      {"consistent.enabled": True, "consistent.transition": "symmetric"},
-                      {"optim.lr": LR9}, {"optim.lr": 1e-3}),
+    "regsl": Arm(
+        "regsl",
+        "REGSL (constraint + self-labeling)",
+        REGSL_FIXED,
+        {"optim.lr": LR3, "constraint.radius": (0.1, 0.3, 1.0)},
+        {"optim.lr": 1e-3, "constraint.radius": 0.3},
+    ),
+    "nso": Arm(
+        "nso",
+        "NSO (k = 1, two-point)",
+        {"nso.enabled": True, "nso.k": 1, "nso.lam": 0.0},
+        {"optim.lr": LR3, "nso.sigma": (0.01, 0.02, 0.04)},
+        {"optim.lr": 1e-3, "nso.sigma": 0.01},
+    ),
+    "scratch": Arm(
+        "scratch", "plain, from scratch", {"model.pretrained": "none"}, {"optim.lr": LR9}, {"optim.lr": 1e-3}
+    ),
+    "sam": Arm(
+        "sam",
+        "SAM (extra)",
+        {"sam.enabled": True},
+        {"optim.lr": LR3, "sam.rho": (0.02, 0.05, 0.1)},
+        {"optim.lr": 1e-3, "sam.rho": 0.05},
+    ),
+    "consistent": Arm(
+        "consistent",
+        "consistent loss, known F (extra)",
+        {"consistent.enabled": True, "consistent.transition": "symmetric"},
+        {"optim.lr": LR9},
+        {"optim.lr": 1e-3},
+    ),
 }
 
 
@@ -110,10 +146,16 @@ class Candidate:
 
 # -- running ------------------------------------------------------------------------------------
 def base_config(seed: int, epochs: int, threads: int, device: str) -> RunConfig:
-    return RunConfig().replace(**{
-        "seed": seed, "task.split_seed": seed, "epochs": epochs, "threads": threads,
-        "device": device, "measure.enabled": False,
-    })
+    return RunConfig().replace(
+        **{
+            "seed": seed,
+            "task.split_seed": seed,
+            "epochs": epochs,
+            "threads": threads,
+            "device": device,
+            "measure.enabled": False,
+        }
+    )
 
 
 def run_curve(cfg: RunConfig, data: TaskData) -> list[dict[str, float]]:
@@ -137,12 +179,16 @@ def train_arm(arm: Arm, seed: int, data: TaskData, base: RunConfig) -> Curves:
         tic = time.perf_counter()
         cfg = base.replace(**arm.fixed, **config)
         if cfg.optim.schedule == "cosine" or (cfg.nso.enabled and cfg.nso.schedule != "constant"):
-            _progress(f"warning: {arm.name} {_config_id(config)}: its schedule depends on the total epoch "
-                      "count, so an early epoch of this run is not a shorter run")
+            _progress(
+                f"warning: {arm.name} {_config_id(config)}: its schedule depends on the total epoch "
+                "count, so an early epoch of this run is not a shorter run"
+            )
         curve = run_curve(cfg, data)
         curves[_config_id(config)] = curve
-        _progress(f"seed {seed} {arm.name:<10} {_config_id(config):<40} "
-                  f"{time.perf_counter() - tic:6.1f} s" + ("" if curve else "  DIVERGED"))
+        _progress(
+            f"seed {seed} {arm.name:<10} {_config_id(config):<40} "
+            f"{time.perf_counter() - tic:6.1f} s" + ("" if curve else "  DIVERGED")
+        )
     return curves
 
 
@@ -190,8 +236,10 @@ def fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def results_table(arms: dict[str, Arm], picked: dict[str, list[Candidate]]) -> str:
-    head = ("| arm | clean test acc % | noisy val acc % | memorised % | train acc % (noisy labels) "
-            "| s / epoch | picked (per seed) |\n|---|---|---|---|---|---|---|")
+    head = (
+        "| arm | clean test acc % | noisy val acc % | memorised % | train acc % (noisy labels) "
+        "| s / epoch | picked (per seed) |\n|---|---|---|---|---|---|---|"
+    )
     rows = [head]
     for name, cands in picked.items():
         picks = "; ".join(f"{_config_id(c.config)} @{c.epoch}" for c in cands)
@@ -206,19 +254,24 @@ def results_table(arms: dict[str, Arm], picked: dict[str, list[Candidate]]) -> s
 
 
 def defaults_table(arms: dict[str, Arm], defaults: dict[str, list[Candidate]], epoch: int) -> str:
-    rows = [f"| arm (untuned point; {epoch} epochs) | clean test acc % | noisy val acc % | memorised % |",
-            "|---|---|---|---|"]
+    rows = [
+        f"| arm (untuned point; {epoch} epochs) | clean test acc % | noisy val acc % | memorised % |",
+        "|---|---|---|---|",
+    ]
     for name, cands in defaults.items():
         if cands:
-            rows.append(f"| {arms[name].label}: {_config_id(cands[0].config)} "
-                        f"| {fmt([c.metrics['test_acc'] for c in cands])} "
-                        f"| {fmt([c.metrics['val_acc'] for c in cands])} "
-                        f"| {fmt([c.metrics['memorized'] for c in cands])} |")
+            rows.append(
+                f"| {arms[name].label}: {_config_id(cands[0].config)} "
+                f"| {fmt([c.metrics['test_acc'] for c in cands])} "
+                f"| {fmt([c.metrics['val_acc'] for c in cands])} "
+                f"| {fmt([c.metrics['memorized'] for c in cands])} |"
+            )
     return "\n".join(rows)
 
 
-def curves_table(picked: dict[str, list[Candidate]], curves: dict[tuple[str, int], Curves],
-                 epochs: Sequence[int]) -> str:
+def curves_table(
+    picked: dict[str, list[Candidate]], curves: dict[tuple[str, int], Curves], epochs: Sequence[int]
+) -> str:
     """Mean over seeds of each arm's picked configuration's curve: test acc / memorised %."""
     rows = ["| arm \\ epoch | " + " | ".join(map(str, epochs)) + " |", "|---" * (len(epochs) + 1) + "|"]
     for name, cands in picked.items():
@@ -232,8 +285,9 @@ def curves_table(picked: dict[str, list[Candidate]], curves: dict[tuple[str, int
     return "\n".join(rows)
 
 
-def selection_table(arms: dict[str, Arm], picked: dict[str, list[Candidate]],
-                    oracle: dict[str, list[Candidate]]) -> str:
+def selection_table(
+    arms: dict[str, Arm], picked: dict[str, list[Candidate]], oracle: dict[str, list[Candidate]]
+) -> str:
     """Val-selected vs the best clean test accuracy among the same candidates (a diagnostic only)."""
     rows = ["| arm | val-selected % | oracle among its candidates % | regret (points) |", "|---|---|---|---|"]
     for name, cands in picked.items():
@@ -259,15 +313,20 @@ def key_lines(picked: dict[str, list[Candidate]], defaults: dict[str, list[Candi
     for name, cands in picked.items():
         acc = [c.metrics["test_acc"] for c in cands]
         mean, std = mean_std(acc)
-        lines += [f"test_acc_{name}: {mean:.4f}", f"test_acc_{name}_std: {std:.4f}",
-                  f"test_acc_{name}_seeds: {','.join(f'{a:.4f}' for a in acc)}",
-                  f"val_acc_{name}: {mean_std([c.metrics['val_acc'] for c in cands])[0]:.4f}",
-                  f"memorized_{name}: {mean_std([c.metrics['memorized'] for c in cands])[0]:.4f}"]
+        lines += [
+            f"test_acc_{name}: {mean:.4f}",
+            f"test_acc_{name}_std: {std:.4f}",
+            f"test_acc_{name}_seeds: {','.join(f'{a:.4f}' for a in acc)}",
+            f"val_acc_{name}: {mean_std([c.metrics['val_acc'] for c in cands])[0]:.4f}",
+            f"memorized_{name}: {mean_std([c.metrics['memorized'] for c in cands])[0]:.4f}",
+        ]
         if name != "plain" and len(plain) == len(acc):
             diffs = [a - p for a, p in zip(acc, plain, strict=True)]
-            lines += [f"delta_{name}_vs_plain: {statistics.fmean(diffs):+.4f}",
-                      f"wins_{name}_vs_plain: {sum(d > 0 for d in diffs)}/{len(diffs)}",
-                      f"pvalue_{name}_vs_plain: {paired_pvalue(diffs):.3f}"]
+            lines += [
+                f"delta_{name}_vs_plain: {statistics.fmean(diffs):+.4f}",
+                f"wins_{name}_vs_plain: {sum(d > 0 for d in diffs)}/{len(diffs)}",
+                f"pvalue_{name}_vs_plain: {paired_pvalue(diffs):.3f}",
+            ]
     for name, cands in defaults.items():
         if cands:
             untuned = statistics.fmean(c.metrics["test_acc"] for c in cands)
@@ -281,8 +340,9 @@ def load_grid_file(path: Path) -> dict[str, Arm]:
     arms = {}
     for name, spec in data.items():
         grid = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in (spec.get("grid") or {}).items()}
-        arms[name] = Arm(name, spec.get("label", name), dict(spec.get("fixed") or {}), grid,
-                         dict(spec.get("default") or {}))
+        arms[name] = Arm(
+            name, spec.get("label", name), dict(spec.get("fixed") or {}), grid, dict(spec.get("default") or {})
+        )
     return arms
 
 
@@ -321,8 +381,12 @@ def quick_arm(arm: Arm) -> Arm:
 
 def _config_id(config: dict[str, Any]) -> str:
     short = {"optim.lr": "lr", "constraint.radius": "D", "nso.sigma": "σ", "sam.rho": "ρ"}
-    return ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
-                    for k, v in config.items()) or "-"
+    return (
+        ",".join(
+            f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}" for k, v in config.items()
+        )
+        or "-"
+    )
 
 
 def _untuned_epoch(epoch_grid: Sequence[int]) -> int:
@@ -339,8 +403,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arms", default="plain,regsl,nso,scratch",
-                        help=f"comma list from {', '.join(DEFAULT_ARMS)} (or names in --grid)")
+    parser.add_argument(
+        "--arms",
+        default="plain,regsl,nso,scratch",
+        help=f"comma list from {', '.join(DEFAULT_ARMS)} (or names in --grid)",
+    )
     parser.add_argument("--seeds", type=_ints, default=(0, 1, 2))
     parser.add_argument("--epoch-grid", type=_ints, default=EPOCH_GRID)
     parser.add_argument("--grid", type=Path, help="YAML with per-arm fixed values and grids")
@@ -349,8 +416,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="2 seeds, default point only, epochs 2 and 4")
     parser.add_argument("--json", type=Path, help="write every run's per-epoch metrics here")
-    parser.add_argument("--from-json", type=Path,
-                        help="re-select from curves saved with --json (no training), e.g. another epoch grid")
+    parser.add_argument(
+        "--from-json", type=Path, help="re-select from curves saved with --json (no training), e.g. another epoch grid"
+    )
     return parser.parse_args(argv)
 
 
@@ -391,8 +459,7 @@ def all_curves(arms: dict[str, Arm], args: argparse.Namespace) -> dict[tuple[str
     return curves
 
 
-def evaluate_arms(arms: dict[str, Arm], curves: dict[tuple[str, int], Curves],
-                  args: argparse.Namespace) -> Outcome:
+def evaluate_arms(arms: dict[str, Arm], curves: dict[tuple[str, int], Curves], args: argparse.Namespace) -> Outcome:
     out = Outcome({n: [] for n in arms}, {n: [] for n in arms}, {n: [] for n in arms})
     untuned_epoch = _untuned_epoch(args.epoch_grid)
     for name, arm in arms.items():
@@ -417,10 +484,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     report(arms, evaluate_arms(arms, curves, args), curves, args)
 
 
-def report(arms: dict[str, Arm], out: Outcome, curves: dict[tuple[str, int], Curves],
-           args: argparse.Namespace) -> None:
-    print(f"## Clean test accuracy, val-selected per seed (seeds {list(args.seeds)}, "
-          f"epoch grid {list(args.epoch_grid)})\n")
+def report(arms: dict[str, Arm], out: Outcome, curves: dict[tuple[str, int], Curves], args: argparse.Namespace) -> None:
+    print(
+        f"## Clean test accuracy, val-selected per seed (seeds {list(args.seeds)}, "
+        f"epoch grid {list(args.epoch_grid)})\n"
+    )
     print(results_table(arms, out.picked))
     print("\n## Selection check: val-selected vs the best clean test among the same candidates\n")
     print(selection_table(arms, out.picked, out.oracle))

@@ -57,7 +57,12 @@ def _analyze(args: argparse.Namespace) -> None:
     docs = Path(args.docs) if getattr(args, "docs", None) else None
     digits = ROOT / "results" / "study"  # an estimated-F study is set next to the digits study's conclusions
     lines = analyze(
-        out, stores=stores, title=" + ".join(presets), figures=figures, raw_dirs=[Path(r) for r in raw], docs=docs,
+        out,
+        stores=stores,
+        title=" + ".join(presets),
+        figures=figures,
+        raw_dirs=[Path(r) for r in raw],
+        docs=docs,
         compare_with=digits if own is not None else None,
     )
     print("\n".join(lines))
@@ -90,8 +95,11 @@ def main(argv: list[str] | None = None) -> None:
                 help="raw outputs of the run step: fills columns added after a run was recorded",
             )
         if name in ("analyze", "all"):
-            p.add_argument("--figures", help="figure folder (default docs/figures; docs/figures/PRESET for a "
-                           "preset on another task, e.g. fashion)")
+            p.add_argument(
+                "--figures",
+                help="figure folder (default docs/figures; docs/figures/PRESET for a "
+                "preset on another task, e.g. fashion)",
+            )
             p.add_argument("--no-figures", action="store_true")
             p.add_argument("--docs", help="a markdown file whose <!-- begin:NAME --> blocks get the new tables")
     args = parser.parse_args(argv)

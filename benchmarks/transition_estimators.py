@@ -30,11 +30,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="fashion-mnist")
     p.add_argument("--model", default="test_resnet")
     p.add_argument("--sizes", default="500,2000", help="training sizes (validation: 0.4 × each)")
-    p.add_argument("--settings", default="symmetric:0.2,symmetric:0.4,symmetric:0.6,pair:0.2,pair:0.4,pair:0.6,"
-                   "correlated:0.2,correlated:0.4,correlated:0.6")
+    p.add_argument(
+        "--settings",
+        default="symmetric:0.2,symmetric:0.4,symmetric:0.6,pair:0.2,pair:0.4,pair:0.6,"
+        "correlated:0.2,correlated:0.4,correlated:0.6",
+    )
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--csv", help="write one row per draw (the default estimator's error, noise rate and "
-                   "structure) here, e.g. results/fashion/noise_case.csv for the selection study")
+    p.add_argument(
+        "--csv",
+        help="write one row per draw (the default estimator's error, noise rate and "
+        "structure) here, e.g. results/fashion/noise_case.csv for the selection study",
+    )
     args = p.parse_args(argv)
 
     from trainables.config import ModelConfig, NoiseConfig, TaskConfig
@@ -48,14 +54,21 @@ def main(argv: list[str] | None = None) -> None:
     draws: list[dict[str, object]] = []
     default = NoiseConfig().estimator
     tic = time.perf_counter()
-    print(f"{'setting':<15} {'size':>5} {'seed':>4}  " + "  ".join(f"{m:>9}" for m in ESTIMATORS) + "  structure",
-          flush=True)
+    print(
+        f"{'setting':<15} {'size':>5} {'seed':>4}  " + "  ".join(f"{m:>9}" for m in ESTIMATORS) + "  structure",
+        flush=True,
+    )
     for setting in args.settings.split(","):
         kind, rate = setting.split(":")
         for size in map(int, args.sizes.split(",")):
             for seed in map(int, args.seeds.split(",")):
-                task = TaskConfig(name=args.task, train_size=size, val_size=round(0.4 * size), split_seed=seed,
-                                  noise=NoiseConfig(kind=kind, rate=float(rate)))  # type: ignore[arg-type]
+                task = TaskConfig(
+                    name=args.task,
+                    train_size=size,
+                    val_size=round(0.4 * size),
+                    split_seed=seed,
+                    noise=NoiseConfig(kind=kind, rate=float(rate)),
+                )  # type: ignore[arg-type]
                 data = load_task(task)
                 model = create_model(ModelConfig(args.model, "source"), data.num_classes, task=task)
                 feats = features(model, data.train.x).double().numpy()
@@ -69,11 +82,24 @@ def main(argv: list[str] | None = None) -> None:
                     row.append(err)
                     if method == default:
                         structure.setdefault(kind, []).append(noise_structure(estimate))
-                        draws.append({"setting": f"{kind}{round(100 * float(rate))}", "kind": kind, "rate": float(rate),
-                                      "train_size": size, "seed": seed, "f_error": err,
-                                      "f_noise_rate": noise_rate(estimate), "f_structure": structure[kind][-1]})
-                print(f"{setting:<15} {size:>5} {seed:>4}  " + "  ".join(f"{e:9.3f}" for e in row)
-                      + f"  {structure[kind][-1]:9.3f}", flush=True)
+                        draws.append(
+                            {
+                                "setting": f"{kind}{round(100 * float(rate))}",
+                                "kind": kind,
+                                "rate": float(rate),
+                                "train_size": size,
+                                "seed": seed,
+                                "f_error": err,
+                                "f_noise_rate": noise_rate(estimate),
+                                "f_structure": structure[kind][-1],
+                            }
+                        )
+                print(
+                    f"{setting:<15} {size:>5} {seed:>4}  "
+                    + "  ".join(f"{e:9.3f}" for e in row)
+                    + f"  {structure[kind][-1]:9.3f}",
+                    flush=True,
+                )
     print(f"\n{len(errors['anchor'])} draws in {time.perf_counter() - tic:.0f} s")
     for method, errs in errors.items():
         print(f"{method:>9}: mean {np.mean(errs):.3f}  worst {np.max(errs):.3f}")

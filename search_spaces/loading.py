@@ -75,12 +75,7 @@ def parse_space(data: Any, *, name: str, source: str) -> SearchSpace:
 def _read(name_or_path: str | os.PathLike[str]) -> tuple[str, str, str]:
     """(text, name, source) of a preset or a user file."""
     text = os.fspath(name_or_path)
-    if (
-        isinstance(name_or_path, os.PathLike)
-        or text.endswith((".yaml", ".yml"))
-        or os.sep in text
-        or "/" in text
-    ):
+    if isinstance(name_or_path, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text:
         path = Path(text)
         if not path.is_file():
             raise SpaceError(
@@ -90,8 +85,7 @@ def _read(name_or_path: str | os.PathLike[str]) -> tuple[str, str, str]:
         return path.read_text(), path.stem, str(path)
     if text not in list_presets():
         raise SpaceError(
-            f"unknown search space {text!r}: use a preset ({', '.join(list_presets())}) "
-            "or the path of a .yaml file"
+            f"unknown search space {text!r}: use a preset ({', '.join(list_presets())}) or the path of a .yaml file"
         )
     preset = resources.files("search_spaces") / "presets" / f"{text}.yaml"
     return preset.read_text(), text, f"preset {text} ({preset})"
@@ -105,9 +99,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.append(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -48,9 +48,7 @@ class FloatRange:
         return (self.low, self.high)
 
     def contains(self, value: Any, *, epochs: int) -> bool:
-        return (
-            isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
-        )
+        return isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
 @dataclass(frozen=True)
@@ -121,16 +119,12 @@ def parse_param(key: str, spec: Any, *, source: str) -> Param:
     """
     where = f"params.{key}"
     if not isinstance(spec, dict):
-        raise SpaceError.at(
-            source, where, spec, "a parameter must be a mapping", "write e.g. {float: [0.001, 0.1]}"
-        )
+        raise SpaceError.at(source, where, spec, "a parameter must be a mapping", "write e.g. {float: [0.001, 0.1]}")
     kind = _kind(spec, where, source)
     unknown = sorted(set(spec) - {kind, *_OPTIONS[kind]}, key=str)
     if unknown:
         allowed = ", ".join(_OPTIONS[kind])
-        raise SpaceError.at(
-            source, where, spec, f"unknown option {unknown[0]!r}", f"{kind} allows: {allowed}"
-        )
+        raise SpaceError.at(source, where, spec, f"unknown option {unknown[0]!r}", f"{kind} allows: {allowed}")
     log = _log(spec, where, source)
     dist: Distribution
     if kind == "float":
@@ -159,9 +153,7 @@ def _kind(spec: dict[Any, Any], where: str, source: str) -> str:
 def _log(spec: dict[Any, Any], where: str, source: str) -> bool:
     log = spec.get("log", False)
     if not isinstance(log, bool):
-        raise SpaceError.at(
-            source, f"{where}.log", log, "log must be a boolean", "write log: true or leave it out"
-        )
+        raise SpaceError.at(source, f"{where}.log", log, "log must be a boolean", "write log: true or leave it out")
     return log
 
 
@@ -176,9 +168,7 @@ def _float_range(bounds: Any, log: bool, where: str, source: str) -> FloatRange:
     for value in (low, high):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             hint = " (PyYAML reads 1e-4 as a string: write 1.0e-4)" if isinstance(value, str) else ""
-            raise SpaceError.at(
-                source, where, value, "float bounds must be finite numbers", f"use a number{hint}"
-            )
+            raise SpaceError.at(source, where, value, "float bounds must be finite numbers", f"use a number{hint}")
     _ordered(low, high, where, source)
     if log and low <= 0:
         raise SpaceError.at(source, where, bounds, "a log range needs low > 0", "raise low or drop log: true")
@@ -201,9 +191,7 @@ def _int_range(bounds: Any, log: bool, where: str, source: str) -> IntRange:
     if low != EPOCHS and high != EPOCHS:
         _ordered(low, high, where, source)
     if log and low != EPOCHS and low < 1:
-        raise SpaceError.at(
-            source, where, bounds, "a log int range needs low ≥ 1", "raise low or drop log: true"
-        )
+        raise SpaceError.at(source, where, bounds, "a log int range needs low ≥ 1", "raise low or drop log: true")
     return IntRange(low, high, log)
 
 
@@ -229,13 +217,9 @@ def _choice(values: Any, where: str, source: str) -> Choice:
         )
     for i, value in enumerate(values):
         if not isinstance(value, _SCALAR_TYPES):
-            raise SpaceError.at(
-                source, where, value, "choices must be scalars", "use bool, number, string or null"
-            )
+            raise SpaceError.at(source, where, value, "choices must be scalars", "use bool, number, string or null")
         if any(same_value(value, other) for other in values[:i]):
-            raise SpaceError.at(
-                source, where, values, f"choice {value!r} appears twice", "list each choice once"
-            )
+            raise SpaceError.at(source, where, values, f"choice {value!r} appears twice", "list each choice once")
     return Choice(tuple(values))
 
 

@@ -142,9 +142,24 @@ def test_a_trial_larger_than_the_ray_cluster_is_refused_not_left_waiting(flag: s
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true"}
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "tuning.cli", "sweep", "--space", "smoke", "--pretrained", "none", flag, "4096",
-         "--output", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tuning.cli",
+            "sweep",
+            "--space",
+            "smoke",
+            "--pretrained",
+            "none",
+            flag,
+            "4096",
+            "--output",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and lines == [
@@ -172,7 +187,10 @@ BAD_DATA = {
     "idx folder without the files": (lambda p: f"fashion-mnist:{p}", [], "lacks train-images-idx3-ubyte"),
     "wrong magic number": (_damaged_idx, [], "wrong magic"),
     "class in source and target": (
-        _idx_ok, ["--set", "task.source_classes=[0,5]", "--set", "task.target_classes=[5,6]"], "in both"),
+        _idx_ok,
+        ["--set", "task.source_classes=[0,5]", "--set", "task.target_classes=[5,6]"],
+        "in both",
+    ),
     "class the task lacks": (_idx_ok, ["--set", "task.target_classes=[5,10]"], "class 10"),
 }
 

@@ -275,9 +275,8 @@ def test_metrics_use_clean_test_labels_and_noisy_val_labels(task: TaskData) -> N
     corrected = np.linalg.inv(task.transition)[task.val.labels.numpy(), pred].mean()
     assert m["val_acc_corr"] == pytest.approx(corrected)
     assert m["n_val"] == len(task.val) and m["n_train"] == len(task.train)
-    from tuning.selection import noise_constants
-
-    assert m["noise_entropy"] == pytest.approx(noise_constants("symmetric", 0.2, K)[0])  # bound_floor's H_F
+    # bound_floor's H_F: the closed form of symmetric noise, −(1 − r) log(1 − r) − r log(r/(K − 1))
+    assert m["noise_entropy"] == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2 / (K - 1))))
 
 
 def test_consistent_loss_reports_its_objective_and_the_clean_gap(task: TaskData) -> None:
@@ -335,8 +334,15 @@ def test_head_lr_mult_gives_the_head_weights_and_bias_their_own_learning_rate(ta
 def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) -> None:
     from trainables.measures import measure_model
 
-    cfg = config(epochs=1, **{"measure.samples": 24, "measure.eigen_samples": 16, "measure.eigen_iters": 30,
-                              "measure.trace_max_probes": 8})
+    cfg = config(
+        epochs=1,
+        **{
+            "measure.samples": 24,
+            "measure.eigen_samples": 16,
+            "measure.eigen_iters": 30,
+            "measure.trace_max_probes": 8,
+        },
+    )
     (result,) = train_to_end(cfg, data=task, log=lambda _: None)
     prepared = loop._prepare(cfg, task, log=lambda _: None)
     prepared.model.load_state_dict(result.state()["model"])
@@ -345,8 +351,13 @@ def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) ->
     assert out["bound"] == pytest.approx(out["bound_loss"] + math.sqrt(out["bound_C"]) * out["measure"])
     assert out["trace_se"] >= 0 and out["lambda_max"] > 0
     assert 1 <= out["lambda_max_iters"] < 30  # Lanczos stopped on its residual (measure.eigen_rel_tol)
-    exact = measure_model(prepared.model, prepared.ctx.reference, task, cfg.replace(**{"measure.eigen_rel_tol": 0.0}),
-                          transition=task.transition)
+    exact = measure_model(
+        prepared.model,
+        prepared.ctx.reference,
+        task,
+        cfg.replace(**{"measure.eigen_rel_tol": 0.0}),
+        transition=task.transition,
+    )
     assert exact["lambda_max_iters"] == 30
     assert out["lambda_max"] == pytest.approx(exact["lambda_max"], rel=1e-3)
 

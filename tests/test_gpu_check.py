@@ -17,8 +17,10 @@ import gpu_check  # noqa: E402
 
 
 def _keys(text: str) -> dict[str, float]:
-    return {k: float(v) for k, v in (line.split(": ") for line in text.splitlines() if ": " in line and " " not in
-                                     line.split(": ")[0])}
+    return {
+        k: float(v)
+        for k, v in (line.split(": ") for line in text.splitlines() if ": " in line and " " not in line.split(": ")[0])
+    }
 
 
 def test_cpu_run_prints_exact_agreement_and_the_cost_ratios(capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,9 +79,17 @@ def smooth_mlp() -> nn.Module:
 def relu_convnet() -> nn.Module:
     torch.manual_seed(2)
     net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).to(DTYPE)
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).to(DTYPE)
     for module in net.modules():  # non-trivial running statistics, so eval mode matters
         if isinstance(module, nn.BatchNorm2d):
             assert module.running_mean is not None and module.running_var is not None
@@ -93,20 +101,32 @@ def relu_convnet() -> nn.Module:
 
 def image_batches(classes: int = 3, sizes: Sequence[int] = (5, 3)) -> Batches:
     generator = torch.Generator().manual_seed(3)
-    return [(torch.randn(b, 2, 6, 6, generator=generator, dtype=DTYPE),
-             torch.randint(0, classes, (b,), generator=generator)) for b in sizes]
+    return [
+        (
+            torch.randn(b, 2, 6, 6, generator=generator, dtype=DTYPE),
+            torch.randint(0, classes, (b,), generator=generator),
+        )
+        for b in sizes
+    ]
 
 
 def vector_batches(classes: int = 3, sizes: Sequence[int] = (5, 3), features: int = 4) -> Batches:
     generator = torch.Generator().manual_seed(4)
-    return [(torch.randn(b, features, generator=generator, dtype=DTYPE),
-             torch.randint(0, classes, (b,), generator=generator)) for b in sizes]
+    return [
+        (
+            torch.randn(b, features, generator=generator, dtype=DTYPE),
+            torch.randint(0, classes, (b,), generator=generator),
+        )
+        for b in sizes
+    ]
 
 
 def perturbed_reference(model: nn.Module, scale: float = 0.3, seed: int = 5) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {name: p.detach() - scale * torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            for name, p in model.named_parameters()}
+    return {
+        name: p.detach() - scale * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        for name, p in model.named_parameters()
+    }
 
 
 def weight_names(model: nn.Module) -> list[str]:
@@ -115,33 +135,47 @@ def weight_names(model: nn.Module) -> list[str]:
 
 # ---- dense references ------------------------------------------------------------------------
 
-def dense_hessian(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], batches: Batches,
-                  names: Sequence[str]) -> Tensor:
+
+def dense_hessian(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], batches: Batches, names: Sequence[str]
+) -> Tensor:
     """Hessian of the mean loss over all samples w.r.t. the flattened ``names`` parameters."""
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
     flat = torch.cat([params[n].detach().reshape(-1) for n in names])
 
     def mean_loss(vector: Tensor) -> Tensor:
-        pieces = dict(zip(names, (p.view(s) for p, s in zip(vector.split([s.numel() for s in shapes]), shapes,
-                                                             strict=True)), strict=True))
+        pieces = dict(
+            zip(
+                names,
+                (p.view(s) for p, s in zip(vector.split([s.numel() for s in shapes]), shapes, strict=True)),
+                strict=True,
+            )
+        )
         losses = [loss_fn(functional_call(model, pieces, (x,)), y) for x, y in batches]
         return torch.cat(losses).mean()
 
     return torch.autograd.functional.hessian(mean_loss, flat)
 
 
-def dense_block_forms(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], batches: Batches,
-                      reference: dict[str, Tensor], name: str) -> Tensor:
+def dense_block_forms(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: Batches,
+    reference: dict[str, Tensor],
+    name: str,
+) -> Tensor:
     """v_iᵀ H_ii(x_j) v_i for every sample j, from the dense per-sample block Hessian."""
     weight = dict(model.named_parameters())[name].detach()
     v = (weight - reference[name]).reshape(-1)
     values = []
     for x, y in batches:
         for j in range(x.shape[0]):
+
             def loss(w: Tensor, j: int = j, x: Tensor = x, y: Tensor = y) -> Tensor:
-                logits = functional_call(model, {name: w.view(weight.shape)}, (x[j:j + 1],))
-                return loss_fn(logits, y[j:j + 1]).sum()
+                logits = functional_call(model, {name: w.view(weight.shape)}, (x[j : j + 1],))
+                return loss_fn(logits, y[j : j + 1]).sum()
+
             block = torch.autograd.functional.hessian(loss, weight.reshape(-1))
             values.append(v @ block @ v)
     return torch.stack(values)
@@ -170,8 +204,9 @@ def test_toy_block_forms_are_exact_and_differ_from_reference_code() -> None:
 def test_toy_eigenvalue_and_trace() -> None:
     net = TwoScalarNet()
     assert_close(top_eigenvalue(net, half_squared_error, ONE_SAMPLE), (5 + math.sqrt(45)) / 2, rel=1e-9)
-    estimate, stderr = hessian_trace(net, half_squared_error, ONE_SAMPLE, rel_tol=0.05, max_probes=4000,
-                                     generator=torch.Generator().manual_seed(0))
+    estimate, stderr = hessian_trace(
+        net, half_squared_error, ONE_SAMPLE, rel_tol=0.05, max_probes=4000, generator=torch.Generator().manual_seed(0)
+    )
     assert abs(estimate - 5.0) <= 3 * stderr
     assert stderr <= 0.05 * abs(estimate)
 
@@ -180,8 +215,7 @@ def test_toy_two_samples_max_distance_eigenvalue_trace() -> None:
     net = TwoScalarNet()
     peaks = layer_curvatures(net, half_squared_error, TWO_SAMPLES, TOY_REFERENCE, layers=TOY_LAYERS)
     assert peaks == pytest.approx({"w1": 16.0, "w2": 4.0}, rel=1e-12)
-    means = layer_curvatures(net, half_squared_error, TWO_SAMPLES, TOY_REFERENCE, layers=TOY_LAYERS,
-                             reduce="mean")
+    means = layer_curvatures(net, half_squared_error, TWO_SAMPLES, TOY_REFERENCE, layers=TOY_LAYERS, reduce="mean")
     assert means == pytest.approx({"w1": 10.0, "w2": 2.5}, rel=1e-12)
     distance = hessian_distance(net, half_squared_error, TWO_SAMPLES, TOY_REFERENCE, n=2, layers=TOY_LAYERS)
     assert_close(distance, 4.242641, rel=1e-6)
@@ -208,6 +242,7 @@ def test_max_clips_negative_curvature_at_zero() -> None:
 
 # ---- §6.3: convex models with closed forms ------------------------------------------------------
 
+
 def linear_model(features: int, outputs: int, seed: int) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(features, outputs, bias=False).to(DTYPE)
@@ -215,8 +250,10 @@ def linear_model(features: int, outputs: int, seed: int) -> nn.Linear:
 
 def regression_data(seed: int, n: int = 12, features: int = 3) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, features, generator=generator, dtype=DTYPE),
-            torch.randn(n, generator=generator, dtype=DTYPE))
+    return (
+        torch.randn(n, features, generator=generator, dtype=DTYPE),
+        torch.randn(n, generator=generator, dtype=DTYPE),
+    )
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -242,8 +279,9 @@ def closed_form_case(kind: str) -> tuple[nn.Linear, LossFn, Batches, Tensor, Ten
     labels = torch.arange(n) % 4
     weight = model.weight.detach()
     p = torch.softmax(x @ weight.T, dim=1)
-    hessian = torch.stack([torch.kron(torch.diag(p[k]) - torch.outer(p[k], p[k]), torch.outer(x[k], x[k]))
-                           for k in range(n)]).mean(0)
+    hessian = torch.stack(
+        [torch.kron(torch.diag(p[k]) - torch.outer(p[k], p[k]), torch.outer(x[k], x[k])) for k in range(n)]
+    ).mean(0)
     u = x @ weight.T  # J v with v = W: the output itself for a linear model
     blocks = (p * u**2).sum(1) - (p * u).sum(1) ** 2
     return model, cross_entropy, [(x[:7], labels[:7]), (x[7:], labels[7:])], hessian, blocks
@@ -292,10 +330,13 @@ def test_trace_and_eigenvalue_weight_unequal_batches_by_size() -> None:
 
 # ---- dense Hessians on tiny nets ------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, batches_of", [(smooth_mlp, vector_batches), (relu_convnet, image_batches),
-                                              (HiddenTanh, vector_batches)])
-def test_block_forms_match_dense_per_sample_blocks(make: Callable[[], nn.Module],
-                                                   batches_of: Callable[[], Batches]) -> None:
+
+@pytest.mark.parametrize(
+    "make, batches_of", [(smooth_mlp, vector_batches), (relu_convnet, image_batches), (HiddenTanh, vector_batches)]
+)
+def test_block_forms_match_dense_per_sample_blocks(
+    make: Callable[[], nn.Module], batches_of: Callable[[], Batches]
+) -> None:
     torch.manual_seed(11)
     model = make().to(DTYPE).eval()
     batches = batches_of()
@@ -308,11 +349,9 @@ def test_block_forms_match_dense_per_sample_blocks(make: Callable[[], nn.Module]
 
 
 def test_shortcut_is_used_exactly_where_exact() -> None:
-    relu = measure_layer_curvatures(relu_convnet(), cross_entropy, image_batches(),
-                                    perturbed_reference(relu_convnet()))
+    relu = measure_layer_curvatures(relu_convnet(), cross_entropy, image_batches(), perturbed_reference(relu_convnet()))
     assert set(relu.methods.values()) == {"ggn"}
-    smooth = measure_layer_curvatures(smooth_mlp(), cross_entropy, vector_batches(),
-                                      perturbed_reference(smooth_mlp()))
+    smooth = measure_layer_curvatures(smooth_mlp(), cross_entropy, vector_batches(), perturbed_reference(smooth_mlp()))
     # the head is linear in its own weight even after a GELU: the shortcut is exact there only
     assert smooth.methods == {"0.weight": "nested", "2.weight": "nested", "4.weight": "ggn"}
     torch.manual_seed(12)
@@ -358,8 +397,9 @@ def test_reverse_and_forward_output_tangents_agree() -> None:
     model, ((x, _), _) = relu_convnet(), image_batches()
     reference = perturbed_reference(model)
     params = dict(model.named_parameters())
-    layers = {n: (model.get_submodule(n.rpartition(".")[0]), params[n].detach() - reference[n])
-              for n in weight_names(model)}
+    layers = {
+        n: (model.get_submodule(n.rpartition(".")[0]), params[n].detach() - reference[n]) for n in weight_names(model)
+    }
     logits, tangents = reverse_output_jvps(model, x, layers)
     for name, (_, v) in layers.items():
         with torch.no_grad():
@@ -382,8 +422,7 @@ def test_non_default_loss_is_exact_on_relu_net() -> None:
 
 
 @pytest.mark.parametrize("make, batches_of", [(smooth_mlp, vector_batches), (relu_convnet, image_batches)])
-def test_trace_and_eigenvalue_match_dense(make: Callable[[], nn.Module],
-                                          batches_of: Callable[[], Batches]) -> None:
+def test_trace_and_eigenvalue_match_dense(make: Callable[[], nn.Module], batches_of: Callable[[], Batches]) -> None:
     model, batches = make(), batches_of()
     names = [n for n, _ in model.named_parameters()]
     hessian = dense_hessian(model.eval(), cross_entropy, batches, names)
@@ -393,7 +432,7 @@ def test_trace_and_eigenvalue_match_dense(make: Callable[[], nn.Module],
     assert abs(result.trace - float(torch.trace(hessian))) <= 3 * result.stderr
     offsets = torch.cumsum(torch.tensor([0] + [p.numel() for p in model.parameters()]), 0)
     for i, name in enumerate(names):
-        block = hessian[offsets[i]:offsets[i + 1], offsets[i]:offsets[i + 1]]
+        block = hessian[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]]
         error = abs(result.per_layer[name] - float(torch.trace(block)))
         assert error <= 4 * result.per_layer_stderr[name] + 1e-12
 
@@ -433,6 +472,7 @@ def test_top_eigenvalue_is_the_largest_algebraic_one() -> None:
 
 # ---- the reference (paper-code) variant -----------------------------------------------------------
 
+
 def test_reference_variant_equals_dense_inner_products_and_differs_from_blocks() -> None:
     model, batches = smooth_mlp(), vector_batches(sizes=(4, 4))
     reference = perturbed_reference(model, scale=0.5)
@@ -450,13 +490,18 @@ def test_reference_variant_equals_dense_inner_products_and_differs_from_blocks()
     for name, value in zip(names, expected, strict=True):
         assert_close(paper[name], value)
     assert any(abs(paper[n] - blocks[n]) > 0.05 * abs(blocks[n]) for n in names)
-    chunked = reference_layer_curvatures(model, cross_entropy, [(torch.cat([b[0] for b in batches]),
-                                                                 torch.cat([b[1] for b in batches]))],
-                                         reference, batch_size=4)
+    chunked = reference_layer_curvatures(
+        model,
+        cross_entropy,
+        [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))],
+        reference,
+        batch_size=4,
+    )
     assert chunked == pytest.approx(paper, rel=1e-10)
 
 
 # ---- state, determinism, errors -------------------------------------------------------------------
+
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -489,9 +534,11 @@ def test_modes_are_restored_on_exceptions() -> None:
     def broken(z: Tensor, y: Tensor) -> Tensor:
         raise RuntimeError("boom")
 
-    for call in (lambda: layer_curvatures(model, broken, image_batches(), perturbed_reference(model)),
-                 lambda: hessian_trace(model, broken, image_batches()),
-                 lambda: top_eigenvalue(model, broken, image_batches())):
+    for call in (
+        lambda: layer_curvatures(model, broken, image_batches(), perturbed_reference(model)),
+        lambda: hessian_trace(model, broken, image_batches()),
+        lambda: top_eigenvalue(model, broken, image_batches()),
+    ):
         with pytest.raises(RuntimeError, match="boom"):
             call()
         assert all(m.training for m in model.modules())
@@ -506,18 +553,22 @@ def test_trace_and_eigenvalue_are_deterministic_for_a_generator() -> None:
 
     assert trace(0) == trace(0)
     assert trace(0) != trace(1)
-    eigen = [top_eigenvalue(model, cross_entropy, batches, iters=3,
-                            generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    eigen = [
+        top_eigenvalue(model, cross_entropy, batches, iters=3, generator=torch.Generator().manual_seed(s))
+        for s in (0, 0, 1)
+    ]
     assert eigen[0] == eigen[1] != eigen[2]
 
 
 def test_one_shot_iterators_are_accepted() -> None:
     model, batches = smooth_mlp(), vector_batches()
     assert top_eigenvalue(model, cross_entropy, iter(batches), iters=5) == top_eigenvalue(
-        model, cross_entropy, batches, iters=5)
+        model, cross_entropy, batches, iters=5
+    )
     reference = perturbed_reference(model)
     assert layer_curvatures(model, cross_entropy, iter(batches), reference) == layer_curvatures(
-        model, cross_entropy, batches, reference)
+        model, cross_entropy, batches, reference
+    )
 
 
 def test_float32_batches_follow_the_model_dtype() -> None:
@@ -526,15 +577,19 @@ def test_float32_batches_follow_the_model_dtype() -> None:
     rounded = [(x.float().double(), y) for x, y in batches]
     reference = perturbed_reference(model)
     assert layer_curvatures(model, cross_entropy, single, reference) == layer_curvatures(
-        model, cross_entropy, rounded, reference)
+        model, cross_entropy, rounded, reference
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"layers": ["nope.weight"]}, "unknown parameter name"),
-    ({"layers": "0.weight"}, "sequence of parameter names"),
-    ({"reduce": "median"}, "reduce='median'"),
-    ({"method": "exact"}, "method='exact'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"layers": ["nope.weight"]}, "unknown parameter name"),
+        ({"layers": "0.weight"}, "sequence of parameter names"),
+        ({"reduce": "median"}, "reduce='median'"),
+        ({"method": "exact"}, "method='exact'"),
+    ],
+)
 def test_bad_arguments_raise(kwargs: dict[str, object], message: str) -> None:
     model = smooth_mlp()
     with pytest.raises(ValueError, match=message):
@@ -587,20 +642,30 @@ def test_products_sharing_one_graph_equal_lone_products() -> None:
 
 
 CONV_GEOMETRIES = [  # (dims, stride, padding, dilation, groups, bias)
-    (1, 1, 0, 1, 1, True), (2, 2, 1, 1, 1, False), (2, 1, (1, 2), (2, 1), 2, True), (3, (1, 2, 1), 1, 1, 1, True)]
+    (1, 1, 0, 1, 1, True),
+    (2, 2, 1, 1, 1, False),
+    (2, 1, (1, 2), (2, 1), 2, True),
+    (3, (1, 2, 1), 1, 1, 1, True),
+]
 
 
 @pytest.mark.parametrize(("dims", "stride", "padding", "dilation", "groups", "bias"), CONV_GEOMETRIES)
-def test_fast_conv_double_backward_equals_natives(dims: int, stride: Any, padding: Any, dilation: Any,
-                                                  groups: int, bias: bool) -> None:
+def test_fast_conv_double_backward_equals_natives(
+    dims: int, stride: Any, padding: Any, dilation: Any, groups: int, bias: bool
+) -> None:
     """HVPs through trainables.hessian._conv (used by batch_hvp) equal native double backward,
     including the cross terms with the layer below (two stacked convolutions, smooth activation)."""
     from trainables.hessian._derivatives import autodiff_kernels, batch_hvp
 
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     torch.manual_seed(13)
-    model = nn.Sequential(conv(2, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias),
-                          nn.Tanh(), conv(4, 4, 2, groups=groups, bias=bias), nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(
+        conv(2, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias),
+        nn.Tanh(),
+        conv(4, 4, 2, groups=groups, bias=bias),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
     x = torch.randn(5, 2, *[7] * dims, dtype=DTYPE)
     y = torch.randint(0, 3, (5,))
     model = model.to(DTYPE)

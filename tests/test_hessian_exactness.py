@@ -77,38 +77,48 @@ class Attention(nn.Module):
 
 def batches(features: int = 4, sizes: tuple[int, ...] = (4, 3)) -> list[tuple[Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(b, features, generator=generator, dtype=DTYPE),
-             torch.randint(0, 3, (b,), generator=generator)) for b in sizes]
+    return [
+        (torch.randn(b, features, generator=generator, dtype=DTYPE), torch.randint(0, 3, (b,), generator=generator))
+        for b in sizes
+    ]
 
 
 def reference_of(model: nn.Module) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return {n: p.detach() - 0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
-            for n, p in model.named_parameters()}
+    return {
+        n: p.detach() - 0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        for n, p in model.named_parameters()
+    }
 
 
-def dense_blocks(model: nn.Module, data: list[tuple[Tensor, Tensor]], reference: dict[str, Tensor],
-                 name: str) -> Tensor:
+def dense_blocks(
+    model: nn.Module, data: list[tuple[Tensor, Tensor]], reference: dict[str, Tensor], name: str
+) -> Tensor:
     weight = dict(model.named_parameters())[name].detach()
     v = (weight - reference[name]).reshape(-1)
     values = []
     for x, y in data:
         for j in range(x.shape[0]):
+
             def loss(w: Tensor, j: int = j, x: Tensor = x, y: Tensor = y) -> Tensor:
-                logits = functional_call(model, {name: w.view(weight.shape)}, (x[j:j + 1],))
-                return cross_entropy(logits, y[j:j + 1]).sum()
+                logits = functional_call(model, {name: w.view(weight.shape)}, (x[j : j + 1],))
+                return cross_entropy(logits, y[j : j + 1]).sum()
+
             with sdpa_kernel([SDPBackend.MATH]):
                 block = torch.autograd.functional.hessian(loss, weight.reshape(-1))
             values.append(v @ block @ v)
     return torch.stack(values)
 
 
-@pytest.mark.parametrize("make, expected", [
-    (Gated, {"inner.weight": "nested", "gate.weight": "nested", "head.weight": "ggn"}),
-    (Twice, {"square.weight": "nested", "head.weight": "ggn"}),
-    (Tied, {"first.weight": "nested", "head.weight": "ggn"}),
-    (Attention, {"qkv.weight": "nested", "head.weight": "ggn"}),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (Gated, {"inner.weight": "nested", "gate.weight": "nested", "head.weight": "ggn"}),
+        (Twice, {"square.weight": "nested", "head.weight": "ggn"}),
+        (Tied, {"first.weight": "nested", "head.weight": "ggn"}),
+        (Attention, {"qkv.weight": "nested", "head.weight": "ggn"}),
+    ],
+)
 def test_methods_and_exact_values(make: type[nn.Module], expected: dict[str, str]) -> None:
     torch.manual_seed(2)
     model = make().to(DTYPE).eval()
@@ -124,8 +134,9 @@ def test_methods_and_exact_values(make: type[nn.Module], expected: dict[str, str
 
 def test_batch_statistics_are_not_linear() -> None:
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.ReLU(),
-                          nn.Linear(5, 3)).to(DTYPE)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.ReLU(), nn.Linear(5, 3)).to(
+        DTYPE
+    )
     result = measure_layer_curvatures(model, cross_entropy, batches(), reference_of(model))
     assert result.methods == {"0.weight": "nested", "3.weight": "ggn"}
 
@@ -173,8 +184,7 @@ def test_reverse_tangents_are_cross_checked() -> None:
 
 def test_spot_check_overrides_a_wrong_linearity_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
-    monkeypatch.setattr("trainables.hessian.curvature.piecewise_linear_layers",
-                        lambda model, weights, x: set(weights))
+    monkeypatch.setattr("trainables.hessian.curvature.piecewise_linear_layers", lambda model, weights, x: set(weights))
     with pytest.warns(RuntimeWarning, match="d²z/dt²"):
         result = measure_layer_curvatures(model, cross_entropy, batches(), reference_of(model))
     assert set(result.methods.values()) == {"nested"}
@@ -185,11 +195,14 @@ class HardsigmoidFormula(nn.Module):
         return torch.clamp((x + 3) / 6, 0, 1)
 
 
-@pytest.mark.parametrize("activation, expected", [
-    (nn.SiLU(inplace=True), "nested"),  # second-order forward AD of in-place SiLU needs grad mode on
-    (nn.Hardsigmoid(), "ggn"),  # piecewise linear; its native derivative has no forward AD
-    (nn.Hardswish(), "nested"),
-])
+@pytest.mark.parametrize(
+    "activation, expected",
+    [
+        (nn.SiLU(inplace=True), "nested"),  # second-order forward AD of in-place SiLU needs grad mode on
+        (nn.Hardsigmoid(), "ggn"),  # piecewise linear; its native derivative has no forward AD
+        (nn.Hardswish(), "nested"),
+    ],
+)
 def test_activations_with_awkward_autodiff(activation: nn.Module, expected: str) -> None:
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), activation, nn.Linear(5, 3)).to(DTYPE).eval()

@@ -1,4 +1,4 @@
-"""The code checks run with the tests: ruff and mypy must be clean."""
+"""The code checks run with the tests: ruff (lint and format) and mypy must be clean."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ BIN = Path(sys.executable).parent
 
 def test_ruff_is_clean() -> None:
     proc = subprocess.run([str(BIN / "ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_ruff_format_is_clean() -> None:
+    proc = subprocess.run(
+        [str(BIN / "ruff"), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
 
 
@@ -39,8 +46,9 @@ def test_no_ray_train_report_in_the_package() -> None:
 def test_code_and_docs_point_only_into_the_repository() -> None:
     """Design notes live in docs/: no comment or page cites a file the repository does not carry."""
     outside = re.compile(r"SPEC §|\bSPEC\b|research/|feasibility|STYLE\.md|papers\.md|system\.md|hessian\.md")
-    files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.yaml", "*.toml"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "*.yaml", "*.toml"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     offenders = [
         f"{name}:{i}: {line.strip()}"
         for name in files

@@ -68,9 +68,7 @@ def _sample(name: str, n: int, base: RunConfig = BASE) -> list[tuple[dict[str, A
 def test_list_presets_names_every_shipped_file() -> None:
     assert list_presets() == PRESETS
     folder = resources.files("search_spaces") / "presets"
-    assert sorted(f.name for f in folder.iterdir() if f.name.endswith(".yaml")) == [
-        f"{p}.yaml" for p in PRESETS
-    ]
+    assert sorted(f.name for f in folder.iterdir() if f.name.endswith(".yaml")) == [f"{p}.yaml" for p in PRESETS]
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -260,8 +260,7 @@ def _grid() -> list[dict[str, object]]:
         (3, 10, 6.0, 4.0),  # epochs=10: tau = -1
     ]
     trials: list[dict[str, object]] = [
-        {"trial_id": f"t{i}", "lr": lr, "epochs": ep, "measure": m, "gap": g}
-        for i, (lr, ep, m, g) in enumerate(rows)
+        {"trial_id": f"t{i}", "lr": lr, "epochs": ep, "measure": m, "gap": g} for i, (lr, ep, m, g) in enumerate(rows)
     ]
     trials.append({"trial_id": "nan", "lr": 3, "epochs": 5, "measure": NAN, "gap": 9.0})
     return trials
@@ -285,9 +284,7 @@ def test_granulated_kendall_single_axis_and_bad_column() -> None:
     result = granulated_kendall(_grid(), "measure", "gap", by=["lr"])
     # one group (all 6 finite trials), measure vs gap: pairs 15, computed with kendall_tau
     trials = [t for t in _grid() if t["trial_id"] != "nan"]
-    assert result.mean == pytest.approx(
-        kendall_tau([t["measure"] for t in trials], [t["gap"] for t in trials])
-    )
+    assert result.mean == pytest.approx(kendall_tau([t["measure"] for t in trials], [t["gap"] for t in trials]))
     with pytest.raises(ValueError, match="wd"):
         granulated_kendall(_grid(), "measure", "gap", by=["lr", "wd"])
 

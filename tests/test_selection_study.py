@@ -224,16 +224,12 @@ def test_fashion_study_smoke_estimates_f_and_never_hands_a_criterion_the_true_f(
 # --------------------------------------------------------------------------- registry additions (tuning.selection)
 
 
-def test_noise_constants_closed_forms() -> None:
-    from tuning.selection import noise_constants
+def test_noise_entropy_has_the_closed_forms_of_symmetric_and_pair_noise() -> None:
+    from trainables.noise import noise_entropy, pair_transition, symmetric_transition
 
-    h, a = noise_constants("symmetric", 0.4, 5)
-    assert a == pytest.approx(0.6)
-    assert h == pytest.approx(-(0.6 * math.log(0.6) + 0.4 * math.log(0.1)))  # 1.2275
-    assert noise_constants("pair", 0.2, 5) == pytest.approx((-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)), 0.8))
-    assert noise_constants("none", 0.0, 5) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="correlated"):
-        noise_constants("correlated", 0.4, 5)
+    assert noise_entropy(symmetric_transition(5, 0.4)) == pytest.approx(-(0.6 * math.log(0.6) + 0.4 * math.log(0.1)))
+    assert noise_entropy(pair_transition(5, 0.2)) == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))
+    assert noise_entropy(np.eye(5)) == 0.0
 
 
 def test_val_band_bound_picks_lowest_bound_among_near_equal_validation_scores() -> None:
@@ -326,10 +322,26 @@ def test_noise_case_switch_follows_the_reports_advice_from_the_estimated_structu
 def test_the_noise_case_joins_the_tv_searches_of_its_own_draws(tmp_path: Path) -> None:
     from benchmarks.study.estimated_f import with_noise_case
 
-    frame = pd.DataFrame({"setting": ["pair40", "pair40", "pair40"], "size": ["f500", "f500", "f2000"],
-                          "seed": [1, 1, 1], "arm": ["tv", "pool", "tv"]})
-    pd.DataFrame({"setting": ["pair40"], "kind": ["pair"], "rate": [0.4], "train_size": [500], "seed": [1],
-                  "f_error": [0.3], "f_noise_rate": [0.5], "f_structure": [0.42]}).to_csv(tmp_path / "c.csv")
+    frame = pd.DataFrame(
+        {
+            "setting": ["pair40", "pair40", "pair40"],
+            "size": ["f500", "f500", "f2000"],
+            "seed": [1, 1, 1],
+            "arm": ["tv", "pool", "tv"],
+        }
+    )
+    pd.DataFrame(
+        {
+            "setting": ["pair40"],
+            "kind": ["pair"],
+            "rate": [0.4],
+            "train_size": [500],
+            "seed": [1],
+            "f_error": [0.3],
+            "f_noise_rate": [0.5],
+            "f_structure": [0.42],
+        }
+    ).to_csv(tmp_path / "c.csv")
     joined = with_noise_case(frame, tmp_path / "c.csv")
     assert joined["f_structure"].iloc[0] == 0.42 and joined["f_structure"].iloc[1:].isna().all()
     assert with_noise_case(frame, tmp_path / "missing.csv")["f_structure"].isna().all()
@@ -384,8 +396,13 @@ def test_product_val_band_is_the_studys_paired_band_on_the_stored_searches() -> 
     for _, search in tv.groupby("search"):
         search = search.reset_index(drop=True)
         n_val = int(search["n_val"].iloc[0])
-        correct = np.array([[int(b) for b in "".join(f"{byte:08b}" for byte in bytes.fromhex(t))[:n_val]]
-                            for t in search["val_correct"]], dtype=bool)
+        correct = np.array(
+            [
+                [int(b) for b in "".join(f"{byte:08b}" for byte in bytes.fromhex(t))[:n_val]]
+                for t in search["val_correct"]
+            ],
+            dtype=bool,
+        )
         top = np.flatnonzero(search["val_acc"] == search["val_acc"].max())
         ref = top[np.argmin(search["val_loss"].to_numpy()[top])]
         wins, losses = (correct[ref] & ~correct).sum(1), (~correct[ref] & correct).sum(1)
@@ -508,8 +525,11 @@ def test_published_fashion_key_lines_match_the_stored_summary() -> None:
     published = dict(line.split(": ", 1) for line in block.strip().strip("`").strip().splitlines())
     required = [
         "fashion_kendall_tau_measure_gap_noise40",
-        *(f"fashion_regret_{who}_noise40_{kind}" for who in ("default", "val_noisy")
-          for kind in ("symmetric", "pair", "correlated")),
+        *(
+            f"fashion_regret_{who}_noise40_{kind}"
+            for who in ("default", "val_noisy")
+            for kind in ("symmetric", "pair", "correlated")
+        ),
         "fashion_worst_regret_default_minus_val",
         "fashion_regret_nosplit_hessian_noise40_symmetric",
         "fashion_f_error_noise40",
@@ -527,8 +547,14 @@ def test_residual_tau_separates_a_measure_that_only_tracks_the_hyperparameters()
     n = 200  # τ of independent residuals has sd ≈ 0.05 here
     lr = np.exp(rng.uniform(np.log(1e-4), np.log(3e-3), n))
     extra = rng.normal(size=n)
-    base = {"lr": lr, "constraint_radius": np.nan, "constraint_growth": np.nan, "nso_sigma": np.nan,
-            "self_label": 0.0, "epochs": rng.integers(1, 6, n).astype(float)}
+    base = {
+        "lr": lr,
+        "constraint_radius": np.nan,
+        "constraint_growth": np.nan,
+        "nso_sigma": np.nan,
+        "self_label": 0.0,
+        "epochs": rng.integers(1, 6, n).astype(float),
+    }
     tracking = pd.DataFrame({**base, "measure": np.log(lr) + 0.3 * extra, "gap": np.log(lr) + 0.3 * rng.normal(size=n)})
     informative = tracking.assign(gap=np.log(lr) + 0.3 * extra)
     assert analysis.kendall_tau(tracking["measure"], tracking["gap"]) > 0.5
@@ -549,11 +575,15 @@ def _study_frames(delta_pair: float, nosplit_pair: float) -> tuple[pd.DataFrame,
             corr.append({**key, "tau/measure/gap": 0.8})
             val = 0.05 + 0.01 * seed
             delta = delta_pair if kind == "pair" else 0.01
-            table += [{**key, "criterion": "val_acc", "regret": val}, {**key, "criterion": DEFAULT_SELECTION,
-                                                                        "regret": val + delta}]
+            table += [
+                {**key, "criterion": "val_acc", "regret": val},
+                {**key, "criterion": DEFAULT_SELECTION, "regret": val + delta},
+            ]
             gain = nosplit_pair if kind == "pair" else -0.03
-            nv += [{"setting": f"{kind}40", "procedure": "(a) bound on pool", "acc": 0.8 + gain},
-                   {"setting": f"{kind}40", "procedure": "(c) val_acc → retrain on pool", "acc": 0.8}]
+            nv += [
+                {"setting": f"{kind}40", "procedure": "(a) bound on pool", "acc": 0.8 + gain},
+                {"setting": f"{kind}40", "procedure": "(c) val_acc → retrain on pool", "acc": 0.8},
+            ]
     return pd.DataFrame(corr), pd.DataFrame(table), pd.DataFrame(nv)
 
 

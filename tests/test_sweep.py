@@ -127,8 +127,13 @@ def _val_band_bound_pick(children: pd.DataFrame) -> int:
     recomputed from the child runs' per-sample correctness tags."""
     n_val = int(children["metrics.xtra/n_val"].iloc[0])
     assert n_val > 0 and children["tags.hesstune.val_correct.0"].map(lambda t: len(t) * 4 >= n_val).all()
-    correct = np.array([[int(bit) for byte in bytes.fromhex(t) for bit in f"{byte:08b}"][:n_val]
-                        for t in children["tags.hesstune.val_correct.0"]], dtype=bool)
+    correct = np.array(
+        [
+            [int(bit) for byte in bytes.fromhex(t) for bit in f"{byte:08b}"][:n_val]
+            for t in children["tags.hesstune.val_correct.0"]
+        ],
+        dtype=bool,
+    )
     assert np.allclose(correct.mean(1), children["metrics.val_acc"])
     assert children["tags.hesstune.val_pred.0"].map(len).eq(n_val).all()  # val_acc_clean's per-sample predictions
     top = children["metrics.val_acc"].to_numpy() == children["metrics.val_acc"].max()

@@ -225,8 +225,15 @@ def _case_table(rate: float, structure: float | None, *, revealed: bool) -> Any:
 
     flat = RunConfig().to_flat() | {"task.noise.kind": "pair", "task.noise.rate": 0.3, "task.noise.reveal": revealed}
     params = {k: str(v) for k, v in flat.items()}
-    table = pd.DataFrame({"trial_id": ["a", "b", "c"], "val_acc": [0.5, 0.6, 0.55], "test_acc": [0.4, 0.9, 0.8],
-                          "f_noise_rate": [rate, rate + 0.01, rate - 0.01], "params": [params] * 3})
+    table = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c"],
+            "val_acc": [0.5, 0.6, 0.55],
+            "test_acc": [0.4, 0.9, 0.8],
+            "f_noise_rate": [rate, rate + 0.01, rate - 0.01],
+            "params": [params] * 3,
+        }
+    )
     if structure is not None:
         table["f_structure"] = [structure, structure + 0.02, structure - 0.02]
     return table

@@ -111,14 +111,27 @@ def test_report_says_why_correlations_are_nan_with_fewer_than_three_trials() -> 
 
     from tuning.report import format_report
 
-    rows = [{"trial_id": f"t{i}", "bound": 1.0 + i, "measure": 0.1 * i, "gap": 0.2 + 0.1 * i ** 2,
-             "val_acc": 0.5, "test_acc": 0.7 - 0.1 * i} for i in range(3)]
+    rows = [
+        {
+            "trial_id": f"t{i}",
+            "bound": 1.0 + i,
+            "measure": 0.1 * i,
+            "gap": 0.2 + 0.1 * i**2,
+            "val_acc": 0.5,
+            "test_acc": 0.7 - 0.1 * i,
+        }
+        for i in range(3)
+    ]
     note = "(NaN where n < 3"
     assert note in format_report(pd.DataFrame(rows[:2]), "bound")
     text = format_report(pd.DataFrame(rows), "bound")
     rows_after = text.split("Correlation with the true test gap")[1].splitlines()
     assert note not in text and next(r for r in rows_after if r.startswith("measure")).split()[1:] == [
-        "1.000", "1.000", "0.961", "3"]  # gap = 0.2 + 10·measure²: monotone, not linear
+        "1.000",
+        "1.000",
+        "0.961",
+        "3",
+    ]  # gap = 0.2 + 10·measure²: monotone, not linear
 
 
 def test_long_texts_survive_mlflow_tags_in_chunks(tmp_path: Path) -> None:
@@ -238,8 +251,10 @@ def test_a_trial_larger_than_the_cluster_is_an_error_locally_and_a_warning_on_a_
         check_trial_resources(local)
     lines: list[str] = []
     check_trial_resources(SweepOptions("s", "smoke", RunConfig(), cpus_per_trial=4, address="head:6379"), lines.append)
-    assert lines == ["warning: --cpus-per-trial 4 but the Ray cluster at head:6379 has 2 CPU(s) now: trials wait "
-                     "until its autoscaler adds them (else use --cpus-per-trial ≤ 2)"]
+    assert lines == [
+        "warning: --cpus-per-trial 4 but the Ray cluster at head:6379 has 2 CPU(s) now: trials wait "
+        "until its autoscaler adds them (else use --cpus-per-trial ≤ 2)"
+    ]
     check_trial_resources(SweepOptions("s", "smoke", RunConfig(), cpus_per_trial=2), lines.append)  # fits
     assert len(lines) == 1
 

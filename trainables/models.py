@@ -170,8 +170,10 @@ def ensure_source_model(name: str, task: TaskConfig, *, log: Callable[[str], Non
     from trainables.data import load_source_task
 
     source = load_source_task(task)
-    log(f"pretraining {name} on the source classes {list(source.classes)} of {task.name} "
-        f"({len(source.y)} images), once; cached at {path}")
+    log(
+        f"pretraining {name} on the source classes {list(source.classes)} of {task.name} "
+        f"({len(source.y)} images), once; cached at {path}"
+    )
     tic = time.perf_counter()
     model = _pretrain_source(name, source, source_recipe(task), log=log)
     report = {"seconds": round(time.perf_counter() - tic, 1), **source_report(name, model, source, task)}
@@ -183,8 +185,10 @@ def ensure_source_model(name: str, task: TaskConfig, *, log: Callable[[str], Non
 
 def describe_source_report(report: dict[str, Any]) -> str:
     acc = report.get("source_test_acc")
-    source = f"source test accuracy {acc:.3f} on {report['source_test_n']} images" if acc is not None else (
-        "no held-out source images (the task has no fixed test set)"
+    source = (
+        f"source test accuracy {acc:.3f} on {report['source_test_n']} images"
+        if acc is not None
+        else ("no held-out source images (the task has no fixed test set)")
     )
     return (
         f"source model pretrained in {report['seconds']:.0f} s: {source}; linear probe on the target "
@@ -227,8 +231,10 @@ def features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> tor
     device = next(model.parameters()).device
     timm_model: Any = model  # timm's forward_features / forward_head(pre_logits=True)
     try:
-        out = [timm_model.forward_head(timm_model.forward_features(c.to(device)), pre_logits=True)
-               for c in x.split(batch_size)]
+        out = [
+            timm_model.forward_head(timm_model.forward_features(c.to(device)), pre_logits=True)
+            for c in x.split(batch_size)
+        ]
         return torch.cat(out).float().cpu()
     finally:
         model.train(was_training)

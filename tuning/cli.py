@@ -272,8 +272,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder = Path(args.o).expanduser().resolve()
     paths = export_configs(table, criterion, args.top, folder, refit=args.refit, trials_dir=trials_dir, sweep=args.name)
     for path in paths:
-        hint = {".yaml": f"  (replay: hesstune train --config {path})",
-                ".json": "  (model card: what was picked, why, how to load it)"}
+        hint = {
+            ".yaml": f"  (replay: hesstune train --config {path})",
+            ".json": "  (model card: what was picked, why, how to load it)",
+        }
         print(f"wrote {path}{hint.get(path.suffix, '')}")
     if not any(p.suffix == ".safetensors" for p in paths):
         print(f"no trial checkpoint under {trials_dir}: configs only (replay them with hesstune train)")
@@ -362,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--concurrency", type=int, default=0, help="trials at once (default 0: as many as the resources allow)"
     )
-    s.add_argument(
-        "--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial (default 1)"
-    )
+    s.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs (and torch threads) per trial (default 1)")
     s.add_argument(
         "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack trials on one GPU (default 0)"
     )

@@ -71,13 +71,18 @@ CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
 def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
     """The leaderboard and the correlation table as text."""
     board = selection.leaderboard(table, criterion).head(top)
-    band = {"paired": "the trials' per-sample validation correctness (paired)",
-            "unpaired": "val_acc alone (unpaired: these trials did not report per-sample correctness)"}
+    band = {
+        "paired": "the trials' per-sample validation correctness (paired)",
+        "unpaired": "val_acc alone (unpaired: these trials did not report per-sample correctness)",
+    }
     lines = [
         f"Leaderboard by {criterion} ({len(table)} finished trials; test_acc = clean test, for evaluation)",
         f"  {criterion}: {selection.get_criterion(criterion).description}",
-        *([f"  validation band from {band[table.attrs['val_band']]}"]
-          if criterion == "val_band_bound" and table.attrs.get("val_band") in band else []),
+        *(
+            [f"  validation band from {band[table.attrs['val_band']]}"]
+            if criterion == "val_band_bound" and table.attrs.get("val_band") in band
+            else []
+        ),
         board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]
@@ -118,23 +123,33 @@ def noise_case(table: pd.DataFrame) -> list[str]:
     if "f_noise_rate" not in table or not _finite(table["f_noise_rate"]).any():
         return []
     rate = float(np.nanmedian(pd.to_numeric(table["f_noise_rate"], errors="coerce")))
-    structure = (float(np.nanmedian(pd.to_numeric(table["f_structure"], errors="coerce")))
-                 if "f_structure" in table and _finite(table["f_structure"]).any() else math.nan)
+    structure = (
+        float(np.nanmedian(pd.to_numeric(table["f_structure"], errors="coerce")))
+        if "f_structure" in table and _finite(table["f_structure"]).any()
+        else math.nan
+    )
     true_f = _reads_true_f(table)
     where = "the injected F" if true_f else "F estimated from the training labels"
     head = f"Noise case ({where}): about {rate:.0%} of the training labels wrong"
     if not true_f:
         head += " (noise that follows the images is undercounted)"
     if rate < LITTLE_NOISE:
-        return [f"{head}: little noise, so the criteria should mostly agree. An estimate misses noise "
-                "that follows the images (docs/transition.md)."]
+        return [
+            f"{head}: little noise, so the criteria should mostly agree. An estimate misses noise "
+            "that follows the images (docs/transition.md)."
+        ]
     if not math.isfinite(structure):
         return [f"{head}; with two classes, symmetric and class-dependent noise are the same case."]
     if structure < STRUCTURE_CUT:
-        return [f"{head}, spread evenly over the other classes (structure {structure:.2f} < {STRUCTURE_CUT}): "
-                "symmetric-like.", f"  {SYMMETRIC_ADVICE}"]
-    return [f"{head}, concentrated on particular classes (structure {structure:.2f} ≥ {STRUCTURE_CUT}): "
-            "class-dependent.", f"  {CLASS_DEPENDENT_ADVICE}"]
+        return [
+            f"{head}, spread evenly over the other classes (structure {structure:.2f} < {STRUCTURE_CUT}): "
+            "symmetric-like.",
+            f"  {SYMMETRIC_ADVICE}",
+        ]
+    return [
+        f"{head}, concentrated on particular classes (structure {structure:.2f} ≥ {STRUCTURE_CUT}): class-dependent.",
+        f"  {CLASS_DEPENDENT_ADVICE}",
+    ]
 
 
 SYMMETRIC_ADVICE = (
@@ -232,8 +247,18 @@ def _final_state(trials_dir: Path, trial_id: str) -> dict[str, Any] | None:
     return dict(torch.load(checkpoints[-1], map_location="cpu", weights_only=True))
 
 
-CARD_METRICS = ("bound", "measure", "val_acc", "val_band_bound", "val_acc_clean", "val_loss", "train_acc",
-                "f_noise_rate", "f_structure", "test_acc")
+CARD_METRICS = (
+    "bound",
+    "measure",
+    "val_acc",
+    "val_band_bound",
+    "val_acc_clean",
+    "val_loss",
+    "train_acc",
+    "f_noise_rate",
+    "f_structure",
+    "test_acc",
+)
 
 
 def _write_model(
@@ -263,8 +288,10 @@ def _write_model(
         "target_classes": list(cfg.task.target_classes) if cfg.task.target_classes is not None else "task default",
         "image_size": cfg.task.image_size,
         "config": f"{rank}.yaml",
-        "load": (f"model = timm.create_model({cfg.model.name!r}, num_classes={int(weights[head].shape[0])}); "
-                 f"model.load_state_dict(safetensors.torch.load_file({path.name!r})); model.eval()"),
+        "load": (
+            f"model = timm.create_model({cfg.model.name!r}, num_classes={int(weights[head].shape[0])}); "
+            f"model.load_state_dict(safetensors.torch.load_file({path.name!r})); model.eval()"
+        ),
     }
     card_path = folder / f"{rank}.card.json"
     card_path.write_text(json.dumps(card, indent=1) + "\n")

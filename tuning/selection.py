@@ -564,29 +564,6 @@ def summary(trials: TrialTable) -> dict[str, float]:
 # :func:`add_selection_metrics`; without it :func:`select` raises ValueError naming the missing metric.
 
 
-def noise_constants(kind: str, rate: float, num_classes: int) -> tuple[float, float]:
-    """(H_F, A_F) of a known noise model: the mean row entropy of the transition matrix F (nats)
-    and its mean diagonal.
-
-    H_F is the lowest population loss on noisy labels any model can reach when the clean label is
-    a function of x (the noisy label then has exactly the entropy of F's row); A_F is the noisy-label
-    accuracy of a perfect clean classifier. Symmetric: F = (1 − r) I + r/(K − 1) off the diagonal;
-    pair: c → c + 1 with rate r; ``none``: (0, 1). Correlated noise has no closed form (pass the
-    measured values to :func:`add_selection_metrics` instead).
-    """
-    if kind == "none" or rate == 0:
-        return 0.0, 1.0
-    if not 0 < rate < 1 or num_classes < 2:
-        raise ValueError(f"noise rate {rate} must be in (0, 1) and num_classes {num_classes} ≥ 2")
-    if kind == "symmetric":
-        off = rate / (num_classes - 1)
-        entropy = -(1 - rate) * math.log(1 - rate) - rate * math.log(off)
-        return entropy, 1 - rate
-    if kind == "pair":
-        return -(1 - rate) * math.log(1 - rate) - rate * math.log(rate), 1 - rate
-    raise ValueError(f"noise kind {kind!r} has no closed-form F: pass noise_entropy measured from F")
-
-
 def validation_correctness(frame: pd.DataFrame, n_val: np.ndarray | float) -> np.ndarray | None:
     """[trials, n_val] booleans: which validation samples each trial got right, decoded from its
     ``val_correct`` hex text (rows of trials without a val_acc stay False), or None when some
@@ -704,7 +681,7 @@ def add_selection_metrics(
     * ``bound_floor`` (when the table has ``bound_loss``, ``bound_C``, ``measure`` and H_F:
       ``noise_entropy`` or a ``noise_entropy`` column, which trials report from the F they used):
       max(L̂, H_F) + √C · M, B with its loss term floored at the noise entropy
-      (:func:`noise_constants`), which removes B's reward for fitting noisy labels.
+      (docs/measures.md §4), which removes B's reward for fitting noisy labels.
     """
     frame = _frame(trials)
     if noise_entropy is None and "noise_entropy" in frame and np.isfinite(_numeric(frame, "noise_entropy")).all():

@@ -153,9 +153,7 @@ def load_sweep(output: Path, name: str) -> SweepOptions:
 def _init_ray(opts: SweepOptions) -> None:
     import ray
 
-    os.environ.setdefault(
-        "RAY_AUTH_MODE", "disabled" if not opts.address else os.environ.get("RAY_AUTH_MODE", "disabled")
-    )
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 asks for it explicitly; a user's setting wins
     env = {
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -185,8 +183,10 @@ def check_trial_resources(opts: SweepOptions, log: Callable[[str], None] = print
 
     total = ray.cluster_resources()
     where = f"at {opts.address}" if opts.address else "on this machine"
-    for flag, asked, kind in (("--gpus-per-trial", opts.gpus_per_trial, "GPU"),
-                              ("--cpus-per-trial", opts.cpus_per_trial, "CPU")):
+    for flag, asked, kind in (
+        ("--gpus-per-trial", opts.gpus_per_trial, "GPU"),
+        ("--cpus-per-trial", opts.cpus_per_trial, "CPU"),
+    ):
         has = float(total.get(kind, 0.0))
         if asked > has:
             no_gpu = kind == "GPU" and has == 0
@@ -292,7 +292,10 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         log(f"preflight: storage and tracking checked on {preflight(paths.storage, opts.tracking_uri)} node(s)")
     paths.output.mkdir(parents=True, exist_ok=True)
     exp_id, parent_id = ensure_parent_run(
-        opts.tracking_uri, opts.name, tags=_sweep_tags(opts), params=_sweep_params(opts, space),
+        opts.tracking_uri,
+        opts.name,
+        tags=_sweep_tags(opts),
+        params=_sweep_params(opts, space),
         artifacts=paths.output / "mlartifacts",  # everything a sweep writes stays under --output
     )
     paths.experiment.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def set_text_tags(mc: Any, run_id: str, name: str, text: str) -> None:
 def text_from_tags(row: Mapping[str, Any], name: str) -> str | None:
     """The text :func:`set_text_tags` stored, from a ``search_runs`` row (``tags.*`` keys); None if absent."""
     prefix = f"tags.hesstune.{name}."
-    parts = {int(k[len(prefix):]): v for k, v in row.items() if k.startswith(prefix) and isinstance(v, str)}
+    parts = {int(k[len(prefix) :]): v for k, v in row.items() if k.startswith(prefix) and isinstance(v, str)}
     return "".join(parts[i] for i in range(len(parts))) if parts and set(parts) == set(range(len(parts))) else None
 
 

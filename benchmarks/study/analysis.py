@@ -426,8 +426,14 @@ def _residual_taus(frame: pd.DataFrame) -> pd.DataFrame:
     for key, group in _searches(frame):
         if key[3] != "tv":
             continue
-        rows.append({"setting": key[0], "size": key[1], "tau": kendall_tau(group["measure"], group["gap"]),
-                     "residual_tau": ef.residual_tau(group)})
+        rows.append(
+            {
+                "setting": key[0],
+                "size": key[1],
+                "tau": kendall_tau(group["measure"], group["gap"]),
+                "residual_tau": ef.residual_tau(group),
+            }
+        )
     out = pd.DataFrame(rows)
     return out.groupby(["setting", "size"], sort=False)[["tau", "residual_tau"]].mean().reset_index() if rows else out
 
@@ -1040,8 +1046,16 @@ def analyze(
         true_table = selection_table(ef.true_f_frame(frame, out / "val_labels.json"))
         cost = ef.estimation_cost(table, true_table)
         residual = _residual_taus(frame)
-        criteria = [*KEY_CRITERIA, "val_acc_corr", "val_corr_band_bound", "val_acc_eb", "val_acc_smooth",
-                    "val_acc_clean", "noise_switch", "noise_case_switch"]
+        criteria = [
+            *KEY_CRITERIA,
+            "val_acc_corr",
+            "val_corr_band_bound",
+            "val_acc_eb",
+            "val_acc_smooth",
+            "val_acc_clean",
+            "noise_switch",
+            "noise_case_switch",
+        ]
         extra = ef.markdown(summ, cost, ef.f_error_table(frame), residual, criteria)
         parts += [extra, ""]
         keys = [*keys, *ef.key_lines(corr, summ, table, nv, frame)]

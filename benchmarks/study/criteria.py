@@ -449,18 +449,30 @@ CRITERIA: dict[str, tuple[Spec, _Picker]] = {
         lambda f, _: _corrected_by_consensus(f),
     ),
     "noise_switch": (
-        Spec("noise_switch", True, True, "val_band_bound if the top candidate's errors are uneven (χ², p < 0.01), "
-             "else val_acc"),
+        Spec(
+            "noise_switch",
+            True,
+            True,
+            "val_band_bound if the top candidate's errors are uneven (χ², p < 0.01), else val_acc",
+        ),
         lambda f, _: _noise_switch(f),
     ),
     "noise_case_switch": (
-        Spec("noise_case_switch", True, True, "val_acc if the estimated F looks symmetric (f_structure < 0.29), "
-             "else val_band_bound: the report's advice"),
+        Spec(
+            "noise_case_switch",
+            True,
+            True,
+            "val_acc if the estimated F looks symmetric (f_structure < 0.29), else val_band_bound: the report's advice",
+        ),
         lambda f, _: _noise_case_switch(f),
     ),
     "val_acc_eb": (
-        Spec("val_acc_eb", True, True, "max empirical-Bayes val accuracy: val_acc shrunk toward a GLS fit on "
-             "train accuracy and M"),
+        Spec(
+            "val_acc_eb",
+            True,
+            True,
+            "max empirical-Bayes val accuracy: val_acc shrunk toward a GLS fit on train accuracy and M",
+        ),
         lambda f, _: _argmin(-empirical_bayes_val(f)),
     ),
     "val_acc_smooth": (
@@ -468,8 +480,12 @@ CRITERIA: dict[str, tuple[Spec, _Picker]] = {
         lambda f, _: _top_with_val_ties(f, smoothed_val_acc(f)),
     ),
     "val_acc_clean": (
-        Spec("val_acc_clean", False, True, "max val accuracy on samples whose label the candidates' 80 % "
-             "consensus does not contradict"),
+        Spec(
+            "val_acc_clean",
+            False,
+            True,
+            "max val accuracy on samples whose label the candidates' 80 % consensus does not contradict",
+        ),
         lambda f, _: _top_with_val_ties(f, cleaned_val_acc(f)),
     ),
 }

@@ -106,7 +106,8 @@ def with_noise_case(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         return frame.assign(f_structure=math.nan)
     draws = pd.read_csv(path)
     draws = draws.assign(size="f" + draws["train_size"].astype(str), arm="tv")[
-        ["setting", "size", "seed", "arm", "f_structure"]]
+        ["setting", "size", "seed", "arm", "f_structure"]
+    ]
     return frame.merge(draws, on=["setting", "size", "seed", "arm"], how="left")
 
 
@@ -231,9 +232,11 @@ def key_lines(
         out["fashion_mean_regret_default_minus_val"] = float(mean_delta)
     if {BAND, "val_acc"} <= set(regimes.index):
         out["fashion_worst_regret_val_band_bound_minus_val"] = float(
-            regimes.loc[BAND, "worst"] - regimes.loc["val_acc", "worst"])
+            regimes.loc[BAND, "worst"] - regimes.loc["val_acc", "worst"]
+        )
         out["fashion_mean_regret_val_band_bound_minus_val"] = float(
-            regimes.loc[BAND, "mean"] - regimes.loc["val_acc", "mean"])
+            regimes.loc[BAND, "mean"] - regimes.loc["val_acc", "mean"]
+        )
     pool = table[(table["arm"] == "pool") & table["regret"].notna()]
     for kind in ("symmetric", "pair", "correlated"):
         p = pool[(pool["setting"] == f"{kind}40") & (pool["criterion"] == NOSPLIT_DEFAULT)]
@@ -267,24 +270,35 @@ def markdown(
     lines += [
         f"| {r.criterion} | {r.mean:.1f} | {r.worst:.1f} | {r.worst_regime} | {r.regimes} |" for r in reg.itertuples()
     ]
-    lines += ["", "## Estimation error of F (‖F̂ − F‖_max, one value per search)", "",
-              "| setting | size | mean | worst | searches |", "|---|---|---|---|---|"]
     lines += [
-        f"| {r.setting} | {r.size} | {r.mean:.3f} | {r.max:.3f} | {r.searches} |" for r in f_errors.itertuples()
+        "",
+        "## Estimation error of F (‖F̂ − F‖_max, one value per search)",
+        "",
+        "| setting | size | mean | worst | searches |",
+        "|---|---|---|---|---|",
     ]
-    lines += ["", "## What estimating F cost each criterion that reads it (tv arm; points)", "",
-              "Regret with the estimate minus regret with the true F, on the same candidates.", "",
-              "| criterion | noise | regret, estimated F | regret, true F | cost | searches |",
-              "|---|---|---|---|---|---|"]
+    lines += [f"| {r.setting} | {r.size} | {r.mean:.3f} | {r.max:.3f} | {r.searches} |" for r in f_errors.itertuples()]
+    lines += [
+        "",
+        "## What estimating F cost each criterion that reads it (tv arm; points)",
+        "",
+        "Regret with the estimate minus regret with the true F, on the same candidates.",
+        "",
+        "| criterion | noise | regret, estimated F | regret, true F | cost | searches |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [
         f"| {r.criterion} | {r.kind} | {r.estimated:.1f} | {r.true:.1f} | {r.cost:+.1f} | {r.searches} |"
         for r in cost.itertuples()
     ]
-    lines += ["", "## M against the gap once the hyperparameters are regressed out of both (tv arm)", "",
-              "| setting | size | τ(M, gap) | τ(residual M, residual gap) |", "|---|---|---|---|"]
     lines += [
-        f"| {r.setting} | {r.size} | {r.tau:.2f} | {r.residual_tau:.2f} |" for r in residual.itertuples()
+        "",
+        "## M against the gap once the hyperparameters are regressed out of both (tv arm)",
+        "",
+        "| setting | size | τ(M, gap) | τ(residual M, residual gap) |",
+        "|---|---|---|---|",
     ]
+    lines += [f"| {r.setting} | {r.size} | {r.tau:.2f} | {r.residual_tau:.2f} |" for r in residual.itertuples()]
     return "\n".join(lines)
 
 
@@ -315,8 +329,9 @@ def _study_numbers(corr: pd.DataFrame, table: pd.DataFrame, nv: pd.DataFrame) ->
 
 def summarise_regret(table: pd.DataFrame) -> pd.DataFrame:
     """Seed-mean regret per (setting, size, arm, criterion), the shape :func:`regime_summary` reads."""
-    return table.groupby(["setting", "size", "arm", "criterion"], sort=False)["regret"].mean().rename(
-        "mean").reset_index()
+    return (
+        table.groupby(["setting", "size", "arm", "criterion"], sort=False)["regret"].mean().rename("mean").reset_index()
+    )
 
 
 SIDE_ROWS = [
@@ -327,7 +342,8 @@ SIDE_ROWS = [
 
 
 def side_by_side(
-    this: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame], other: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    this: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    other: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
     names: tuple[str, str] = ("digits", "Fashion-MNIST"),
 ) -> str:
     """Markdown: the other (digits) study's conclusions next to this one's, and whether each

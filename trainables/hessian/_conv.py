@@ -35,14 +35,26 @@ class _Geometry(NamedTuple):
     groups: int
 
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return _aten.convolution(input, weight, bias, self.stride, self.padding, self.dilation, False,
-                                 [0] * len(self.stride), self.groups)
+        return _aten.convolution(
+            input, weight, bias, self.stride, self.padding, self.dilation, False, [0] * len(self.stride), self.groups
+        )
 
-    def backward(self, grad_out: Tensor, input: Tensor, weight: Tensor, mask: list[bool]
-                 ) -> tuple[Tensor | None, Tensor | None]:
+    def backward(
+        self, grad_out: Tensor, input: Tensor, weight: Tensor, mask: list[bool]
+    ) -> tuple[Tensor | None, Tensor | None]:
         grad_input, grad_weight, _ = _aten.convolution_backward(
-            grad_out, input, weight, None, self.stride, self.padding, self.dilation, False,
-            [0] * len(self.stride), self.groups, [*mask, False])
+            grad_out,
+            input,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0] * len(self.stride),
+            self.groups,
+            [*mask, False],
+        )
         return grad_input, grad_weight
 
 
@@ -54,8 +66,12 @@ def fast_double_backward_conv(dims: int, args: tuple[Any, ...], kwargs: dict[str
     padding = bound.get("padding", 0)
     if isinstance(padding, str):
         return None
-    geometry = _Geometry(_expand(bound.get("stride", 1), dims), _expand(padding, dims),
-                         _expand(bound.get("dilation", 1), dims), int(bound.get("groups", 1)))
+    geometry = _Geometry(
+        _expand(bound.get("stride", 1), dims),
+        _expand(padding, dims),
+        _expand(bound.get("dilation", 1), dims),
+        int(bound.get("groups", 1)),
+    )
     result: Tensor = _Convolution.apply(bound["input"], bound["weight"], bound.get("bias"), geometry)
     return result
 
@@ -79,8 +95,9 @@ class _Convolution(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         if need_input or need_weight:
-            grad_input, grad_weight = _ConvolutionGradients.apply(grad_out, input, weight, ctx.geometry,
-                                                          need_input, need_weight)
+            grad_input, grad_weight = _ConvolutionGradients.apply(
+                grad_out, input, weight, ctx.geometry, need_input, need_weight
+            )
         if need_bias:
             grad_bias = grad_out.sum([d for d in range(grad_out.dim()) if d != 1])
         return grad_input, grad_weight, grad_bias, None  # the mask left unneeded gradients None
@@ -90,8 +107,15 @@ class _ConvolutionGradients(torch.autograd.Function):
     """(gI, gW) = convolution_backward(gO, I, W), with the double backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, grad_out: Tensor, input: Tensor, weight: Tensor, geometry: _Geometry,
-                need_input: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    def forward(
+        ctx: Any,
+        grad_out: Tensor,
+        input: Tensor,
+        weight: Tensor,
+        geometry: _Geometry,
+        need_input: bool,
+        need_weight: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
         ctx.save_for_backward(grad_out, input, weight)
         ctx.geometry = geometry
         ctx.set_materialize_grads(False)
@@ -99,15 +123,19 @@ class _ConvolutionGradients(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_grad_input: Tensor | None, grad_grad_weight: Tensor | None
-                 ) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_grad_input: Tensor | None, grad_grad_weight: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         grad_out, input, weight = ctx.saved_tensors
         geometry: _Geometry = ctx.geometry
         need_grad_out, need_input, need_weight = ctx.needs_input_grad[:3]
         new_grad_out = new_input = new_weight = None
         if need_grad_out:
-            terms = [geometry.conv(a, b) for a, b in ((grad_grad_input, weight), (input, grad_grad_weight))
-                     if a is not None and b is not None]
+            terms = [
+                geometry.conv(a, b)
+                for a, b in ((grad_grad_input, weight), (input, grad_grad_weight))
+                if a is not None and b is not None
+            ]
             new_grad_out = sum(terms[1:], terms[0]) if terms else None
         if need_input and grad_grad_weight is not None:
             new_input = geometry.backward(grad_out, input, grad_grad_weight, [True, False])[0]

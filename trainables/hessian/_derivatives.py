@@ -28,7 +28,11 @@ from trainables.hessian._model import LossFn, per_sample_losses
 
 # Layer types whose output tangent is the layer's own linear map applied to v (u = op(a, v)).
 _LINEAR_MAPS: dict[type[nn.Module], str] = {
-    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Linear: "linear"}
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    nn.Linear: "linear",
+}
 
 
 def supports_reverse_jvp(module: nn.Module, attribute: str) -> bool:
@@ -60,8 +64,7 @@ def output_quadratic_forms(loss_fn: LossFn, logits: Tensor, y: Tensor, tangents:
     flat = tangents.reshape(count, batch, -1)
     outputs = flat.shape[-1]
     if count <= outputs:
-        rows = [(flat[i] * _output_hvp(slope, point, tangents[i]).reshape(batch, -1)).sum(1)
-                for i in range(count)]
+        rows = [(flat[i] * _output_hvp(slope, point, tangents[i]).reshape(batch, -1)).sum(1) for i in range(count)]
         return torch.stack(rows)
     columns = []
     for k in range(outputs):
@@ -77,8 +80,9 @@ def _output_hvp(slope: Tensor, point: Tensor, vector: Tensor) -> Tensor:
     return torch.zeros_like(point) if product is None else product
 
 
-def reverse_output_jvps(model: nn.Module, x: Tensor, layers: Mapping[str, tuple[nn.Module, Tensor]]
-                        ) -> tuple[Tensor, dict[str, Tensor]]:
+def reverse_output_jvps(
+    model: nn.Module, x: Tensor, layers: Mapping[str, tuple[nn.Module, Tensor]]
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-sample output tangents u_ij = J_i(x_j) v_i of many Conv/Linear layers in one forward.
 
     Each layer's output a_i W_iᵀ is replaced by a_i W_iᵀ + s_i ⊙ (a_i v_iᵀ) with a per-sample
@@ -90,8 +94,10 @@ def reverse_output_jvps(model: nn.Module, x: Tensor, layers: Mapping[str, tuple[
     batch = x.shape[0]
     scales = {name: torch.zeros(batch, device=x.device, dtype=x.dtype, requires_grad=True) for name in layers}
     skipped: set[str] = set()
-    handles = [module.register_forward_hook(_injection_hook(name, direction, scales[name], skipped))
-               for name, (module, direction) in layers.items()]
+    handles = [
+        module.register_forward_hook(_injection_hook(name, direction, scales[name], skipped))
+        for name, (module, direction) in layers.items()
+    ]
     try:
         with torch.enable_grad():
             logits = model(x)
@@ -100,13 +106,13 @@ def reverse_output_jvps(model: nn.Module, x: Tensor, layers: Mapping[str, tuple[
     finally:
         for handle in handles:
             handle.remove()
-    tangents = {name: torch.stack([column[i] for column in columns], -1).reshape(logits.shape)
-                for i, name in enumerate(used)}
+    tangents = {
+        name: torch.stack([column[i] for column in columns], -1).reshape(logits.shape) for i, name in enumerate(used)
+    }
     return logits.detach(), tangents
 
 
-def _injection_hook(name: str, direction: Tensor, scale: Tensor, skipped: set[str]
-                    ) -> Callable[..., Tensor | None]:
+def _injection_hook(name: str, direction: Tensor, scale: Tensor, skipped: set[str]) -> Callable[..., Tensor | None]:
     def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if output.shape[0] != scale.shape[0]:
             skipped.add(name)
@@ -114,6 +120,7 @@ def _injection_hook(name: str, direction: Tensor, scale: Tensor, skipped: set[st
         with torch.no_grad():
             tangent = _weight_tangent(module, args[0], direction)
         return output + scale.view(-1, *([1] * (output.dim() - 1))) * tangent
+
     return hook
 
 
@@ -124,8 +131,9 @@ def _output_columns(flat: Tensor, scales: Sequence[Tensor]) -> list[list[Tensor]
     for k in range(count):
         unit = torch.zeros_like(flat)
         unit[:, k] = 1
-        grads = torch.autograd.grad(flat, list(scales), grad_outputs=unit, retain_graph=k < count - 1,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            flat, list(scales), grad_outputs=unit, retain_graph=k < count - 1, allow_unused=True
+        )
         columns.append([torch.zeros_like(s) if g is None else g for g, s in zip(grads, scales, strict=True)])
     return columns
 
@@ -152,30 +160,35 @@ def forward_output_jvp(frozen: FrozenModel, directions: Mapping[str, Tensor], x:
 
     def outputs(*values: Tensor) -> Tensor:
         return frozen(x, dict(zip(names, values, strict=True)))
+
     with torch.enable_grad(), autodiff_kernels():
         primals = tuple(frozen.params[n] for n in names)
         logits, tangent = jvp(outputs, primals, tuple(directions[n] for n in names))[:2]
     return logits, tangent
 
 
-def nested_output_derivatives(frozen: FrozenModel, name: str, direction: Tensor, x: Tensor
-                              ) -> tuple[Tensor, Tensor]:
+def nested_output_derivatives(frozen: FrozenModel, name: str, direction: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(dz/dt, d²z/dt²) along W_name + t·direction, by forward-over-forward."""
+
     def slope(w: Tensor) -> Tensor:
         return jvp(lambda u: frozen(x, {name: u}), (w,), (direction,))[1]
+
     with torch.enable_grad(), autodiff_kernels():
         first, second = jvp(slope, (frozen.params[name],), (direction,))[:2]
     return first, second
 
 
-def nested_loss_curvature(frozen: FrozenModel, loss_fn: LossFn, name: str, direction: Tensor,
-                          x: Tensor, y: Tensor) -> Tensor:
+def nested_loss_curvature(
+    frozen: FrozenModel, loss_fn: LossFn, name: str, direction: Tensor, x: Tensor, y: Tensor
+) -> Tensor:
     """Exact per-sample d²ℓ_j(W_name + t·v)/dt² = vᵀ H_ii(x_j) v, by forward-over-forward: [B]."""
+
     def losses(w: Tensor) -> Tensor:
         return per_sample_losses(loss_fn, frozen(x, {name: w}), y)
 
     def slope(w: Tensor) -> Tensor:
         return jvp(losses, (w,), (direction,))[1]
+
     with torch.enable_grad(), autodiff_kernels():
         return jvp(slope, (frozen.params[name],), (direction,))[1]
 
@@ -205,8 +218,9 @@ class _AutodiffKernels(TorchFunctionMode):
         super().__init__()
         self.fast_conv = fast_conv
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if self.fast_conv and func in CONV_FUNCTIONS:
             result = fast_double_backward_conv(CONV_FUNCTIONS[func], args, kwargs)
@@ -224,8 +238,15 @@ class _AutodiffKernels(TorchFunctionMode):
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
-def _affine_batch_norm(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None = None,
-                       bias: Tensor | None = None, eps: float = 1e-5, **_: Any) -> Tensor:
+def _affine_batch_norm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    **_: Any,
+) -> Tensor:
     """(x − μ)/√(σ² + ε)·γ + β for running statistics μ, σ², as x·scale + shift."""
     scale = torch.rsqrt(running_var + eps)
     if weight is not None:
@@ -237,8 +258,9 @@ def _affine_batch_norm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     return input * scale.reshape(shape) + shift.reshape(shape)
 
 
-def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], vector: Sequence[Tensor],
-              x: Tensor, y: Tensor) -> list[Tensor]:
+def batch_hvp(
+    model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], vector: Sequence[Tensor], x: Tensor, y: Tensor
+) -> list[Tensor]:
     """H_b v for the batch-mean loss, w.r.t. the parameters ``leaves`` (others held fixed).
 
     Double backward: a create_graph gradient, then a second backward with
@@ -248,8 +270,14 @@ def batch_hvp(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], v
     return batch_hvps(model, loss_fn, leaves, [vector], x, y)[0]
 
 
-def batch_hvps(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], vectors: Sequence[Sequence[Tensor]],
-               x: Tensor, y: Tensor) -> list[list[Tensor]]:
+def batch_hvps(
+    model: nn.Module,
+    loss_fn: LossFn,
+    leaves: Mapping[str, Tensor],
+    vectors: Sequence[Sequence[Tensor]],
+    x: Tensor,
+    y: Tensor,
+) -> list[list[Tensor]]:
     """[H_b v for v in vectors]: one forward and create_graph backward, then one second backward
     per vector on the retained graph. The first two passes are a third of a lone product's
     cost, so k products on one batch cost about (1 + 2k)/3 lone ones (``hessian_cost.py``)."""
@@ -262,9 +290,13 @@ def batch_hvps(model: nn.Module, loss_fn: LossFn, leaves: Mapping[str, Tensor], 
         for k, vector in enumerate(vectors):
             result = [torch.zeros_like(v) for v in vector]
             if live:
-                products = torch.autograd.grad([grads[i] for i in live], params,
-                                               grad_outputs=[vector[i] for i in live], allow_unused=True,
-                                               retain_graph=k < len(vectors) - 1)
+                products = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    params,
+                    grad_outputs=[vector[i] for i in live],
+                    allow_unused=True,
+                    retain_graph=k < len(vectors) - 1,
+                )
                 result = [r if p is None else p for r, p in zip(result, products, strict=True)]
             out.append(result)
     return out

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+# the op tables read better packed than one name a line
+# fmt: off
 _LINEAR_OPS: frozenset[str] = frozenset({
     "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
     "NegBackward0", "MulBackward1", "DivBackward1", "SumBackward0", "SumBackward1", "MeanBackward0",
@@ -59,6 +61,7 @@ _BILINEAR_OPS: Mapping[str, tuple[int, int]] = {
     "NativeBatchNormLegitNoTrainingBackward0": (0, 1),
 }
 _DIVISION_OPS: frozenset[str] = frozenset({"DivBackward0"})
+# fmt: on
 
 
 def piecewise_linear_layers(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> set[str]:

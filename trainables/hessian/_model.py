@@ -81,8 +81,10 @@ class BatchSource:
         if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
             raise ValueError("each batch must be a pair of tensors (x, y)")
         if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"batch with x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}: "
-                             "both need the same non-zero batch size in dimension 0")
+            raise ValueError(
+                f"batch with x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}: "
+                "both need the same non-zero batch size in dimension 0"
+            )
         return self._move(x), self._move(y)
 
     def _move(self, tensor: Tensor) -> Tensor:
@@ -96,8 +98,9 @@ def per_sample_losses(loss_fn: LossFn, logits: Tensor, y: Tensor) -> Tensor:
     losses = loss_fn(logits, y)
     if not isinstance(losses, Tensor) or losses.shape != (logits.shape[0],):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(f"loss_fn must return per-sample losses of shape [{logits.shape[0]}], got {shape}; "
-                         "use reduction='none'")
+        raise ValueError(
+            f"loss_fn must return per-sample losses of shape [{logits.shape[0]}], got {shape}; use reduction='none'"
+        )
     return losses
 
 
@@ -123,14 +126,16 @@ def resolve_names(model: nn.Module, names: Sequence[str] | None, *, what: str = 
             raise ValueError(f"model has no Conv/Linear weights to measure; pass {what}=[parameter names]")
         return chosen
     if isinstance(names, str):
-        raise ValueError(f"{what} must be a sequence of parameter names, not the string {names!r}; "
-                         f"use {what}=[{names!r}]")
+        raise ValueError(
+            f"{what} must be a sequence of parameter names, not the string {names!r}; use {what}=[{names!r}]"
+        )
     available = dict(model.named_parameters())
     unknown = [name for name in names if name not in available]
     if unknown:
         listing = ", ".join(list(available)[:8]) + (", ..." if len(available) > 8 else "")
-        raise ValueError(f"unknown parameter name(s) in {what}: {unknown}; "
-                         f"use model.named_parameters() names such as: {listing}")
+        raise ValueError(
+            f"unknown parameter name(s) in {what}: {unknown}; use model.named_parameters() names such as: {listing}"
+        )
     chosen = list(dict.fromkeys(names))
     if not chosen:
         raise ValueError(f"{what} is empty; pass at least one parameter name (or None for the default)")
@@ -143,13 +148,17 @@ def directions(model: nn.Module, layers: Sequence[str], reference: Mapping[str, 
     result = {}
     for name in layers:
         if name not in reference:
-            raise ValueError(f"reference has no entry for layer {name!r}; "
-                             "pass the weights at the start of fine-tuning for every measured layer")
+            raise ValueError(
+                f"reference has no entry for layer {name!r}; "
+                "pass the weights at the start of fine-tuning for every measured layer"
+            )
         start = reference[name]
         weight = params[name].detach()
         if tuple(start.shape) != tuple(weight.shape):
-            raise ValueError(f"reference[{name!r}] has shape {tuple(start.shape)}, the parameter has "
-                             f"{tuple(weight.shape)}; pass the same layer's starting weights")
+            raise ValueError(
+                f"reference[{name!r}] has shape {tuple(start.shape)}, the parameter has "
+                f"{tuple(weight.shape)}; pass the same layer's starting weights"
+            )
         result[name] = weight - start.detach().to(device=weight.device, dtype=weight.dtype)
     return result
 

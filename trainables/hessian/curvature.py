@@ -120,9 +120,15 @@ class _Layers:
         return {name: (owning_module(self.model, name)[0], self.directions[name]) for name in names}
 
 
-def measure_layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
-                             reference: Mapping[str, Tensor], *, layers: Sequence[str] | None = None,
-                             method: Method = "auto") -> LayerCurvatures:
+def measure_layer_curvatures(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    reference: Mapping[str, Tensor],
+    *,
+    layers: Sequence[str] | None = None,
+    method: Method = "auto",
+) -> LayerCurvatures:
     """Exact per-sample q_ij = v_iᵀ H_ii(x_j) v_i for every layer and sample, aggregated.
 
     ``loss_fn(logits, y)`` returns per-sample losses [B] (each depending on its own sample only);
@@ -141,13 +147,23 @@ def measure_layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[B
         total += values.sum(1)
         peak = torch.maximum(peak, values.max(1).values.clamp(min=0))
         count += values.shape[1]
-    return LayerCurvatures(max=dict(zip(names, peak.tolist(), strict=True)),
-                           mean=dict(zip(names, (total / count).tolist(), strict=True)),
-                           n_samples=count, methods=methods)
+    return LayerCurvatures(
+        max=dict(zip(names, peak.tolist(), strict=True)),
+        mean=dict(zip(names, (total / count).tolist(), strict=True)),
+        n_samples=count,
+        methods=methods,
+    )
 
 
-def sample_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], reference: Mapping[str, Tensor],
-                      *, layers: Sequence[str] | None = None, method: Method = "auto") -> tuple[list[str], Tensor]:
+def sample_curvatures(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    reference: Mapping[str, Tensor],
+    *,
+    layers: Sequence[str] | None = None,
+    method: Method = "auto",
+) -> tuple[list[str], Tensor]:
     """(layer names, q) with q[i, j] = v_iᵀ H_ii(x_j) v_i for every sample j of ``data``, in order.
 
     The per-sample values behind :func:`measure_layer_curvatures` (float64, CPU, [L, S]), for
@@ -158,8 +174,14 @@ def sample_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], 
     return names, torch.cat(chunks, dim=1)
 
 
-def _curvature_batches(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], reference: Mapping[str, Tensor],
-                       names: Sequence[str], method: Method) -> Iterator[tuple[Tensor, dict[str, str]]]:
+def _curvature_batches(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    reference: Mapping[str, Tensor],
+    names: Sequence[str],
+    method: Method,
+) -> Iterator[tuple[Tensor, dict[str, str]]]:
     """Per batch: q [L, B] (float64, CPU) and how each layer is computed; eval mode throughout."""
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {_METHODS}")
@@ -172,9 +194,16 @@ def _curvature_batches(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
             yield _batch_curvatures(chosen, plan, loss_fn, x, y).to("cpu", torch.float64), plan.methods()
 
 
-def layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
-                     reference: Mapping[str, Tensor], *, layers: Sequence[str] | None = None,
-                     reduce: str = "max", method: Method = "auto") -> dict[str, float]:
+def layer_curvatures(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    reference: Mapping[str, Tensor],
+    *,
+    layers: Sequence[str] | None = None,
+    reduce: str = "max",
+    method: Method = "auto",
+) -> dict[str, float]:
     """Per-layer H_i: ``reduce="max"``: max_j max(q_ij, 0); ``"mean"``: mean_j q_ij (unclipped).
 
     q_ij = v_iᵀ H_ii(x_j, y_j) v_i exactly (Ju et al. ICML 2022; see
@@ -186,9 +215,16 @@ def layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
     return result.max if reduce == "max" else result.mean
 
 
-def hessian_distance(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
-                     reference: Mapping[str, Tensor], *, n: int, layers: Sequence[str] | None = None,
-                     method: Method = "auto") -> float:
+def hessian_distance(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    reference: Mapping[str, Tensor],
+    *,
+    n: int,
+    layers: Sequence[str] | None = None,
+    method: Method = "auto",
+) -> float:
     """The Hessian distance measure M = Σ_i √H_i / √n (Ju et al. ICML 2022; docs/measures.md §1).
 
     H_i = max_j max(q_ij, 0) over the samples of ``data`` (:func:`layer_curvatures` with
@@ -224,8 +260,12 @@ def _exact_ggn_layers(layers: _Layers, sample: Tensor) -> set[str]:
     if first is not None:
         _, second = nested_output_derivatives(layers.frozen, first, layers.directions[first], sample)
         if torch.count_nonzero(second) > 0:
-            warnings.warn(f"linearity analysis marked {first!r} piecewise linear but d²z/dt² ≠ 0; "
-                          "computing every layer by nested forward mode", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"linearity analysis marked {first!r} piecewise linear but d²z/dt² ≠ 0; "
+                "computing every layer by nested forward mode",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             return set()
     return exact
 

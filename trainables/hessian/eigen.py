@@ -38,8 +38,10 @@ class _MeanHessian:
         self.device, self.dtype = first.device, first.dtype
 
     def __call__(self, flat: Tensor) -> Tensor:
-        pieces = [piece.view(shape) for piece, shape in
-                  zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)]
+        pieces = [
+            piece.view(shape)
+            for piece, shape in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
+        ]
         total = torch.zeros_like(flat)
         count = 0
         for x, y in self.source:
@@ -49,8 +51,9 @@ class _MeanHessian:
         return total / count
 
 
-def lanczos_tridiagonal(matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int, *,
-                        rel_tol: float = 0.0) -> Tensor:
+def lanczos_tridiagonal(
+    matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int, *, rel_tol: float = 0.0
+) -> Tensor:
     """The k×k tridiagonal Lanczos matrix T_k (float64) of a symmetric ``matvec``, from ``start``.
 
     k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0) or, with
@@ -91,9 +94,16 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
     return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
 
 
-def top_eigenvalue(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *, iters: int = 20,
-                   generator: torch.Generator | None = None, params: Sequence[str] | None = None,
-                   rel_tol: float = 0.0) -> float:
+def top_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    *,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
+    params: Sequence[str] | None = None,
+    rel_tol: float = 0.0,
+) -> float:
     """λ_max(H̄): largest algebraic eigenvalue of the Hessian of the mean loss over ``data``.
 
     ``iters`` Lanczos iterations (each one HVP pass over all of ``data``), started from a Gaussian
@@ -101,13 +111,21 @@ def top_eigenvalue(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *, 
     top Ritz pair's residual is ≤ rel_tol·|λ| (:func:`lanczos_tridiagonal`). ``params``: parameter
     names spanning the Hessian (default: all with ``requires_grad``). Eval mode; modes restored.
     """
-    return top_eigenvalue_and_iterations(model, loss_fn, data, iters=iters, generator=generator, params=params,
-                                         rel_tol=rel_tol)[0]
+    return top_eigenvalue_and_iterations(
+        model, loss_fn, data, iters=iters, generator=generator, params=params, rel_tol=rel_tol
+    )[0]
 
 
-def top_eigenvalue_and_iterations(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *, iters: int = 20,
-                                  generator: torch.Generator | None = None, params: Sequence[str] | None = None,
-                                  rel_tol: float = 0.0) -> tuple[float, int]:
+def top_eigenvalue_and_iterations(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    *,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
+    params: Sequence[str] | None = None,
+    rel_tol: float = 0.0,
+) -> tuple[float, int]:
     """(:func:`top_eigenvalue`, the Lanczos iterations it took: HVP passes over ``data``)."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters={iters!r} must be a positive int (15-30 is typical)")

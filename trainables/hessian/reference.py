@@ -28,17 +28,22 @@ from trainables.hessian._model import (
 __all__ = ["reference_layer_curvatures"]
 
 
-def reference_layer_curvatures(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
-                               reference: Mapping[str, Tensor], *, layers: Sequence[str] | None = None,
-                               batch_size: int | None = None) -> dict[str, float]:
+def reference_layer_curvatures(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    reference: Mapping[str, Tensor],
+    *,
+    layers: Sequence[str] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
     """max over mini-batches b of ⟨v_i, (H_b v)_i⟩ per layer, as in the Ju et al. paper code.
 
     H_b is the Hessian of the batch-mean loss w.r.t. the measured layers' weights only (other
     parameters fixed), v the concatenated fine-tuning direction. Batches are ``data``'s, or each
     split into chunks of ``batch_size`` (the paper's README uses 4). No truncation at 0.
     """
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive int or None")
     names = resolve_names(model, layers)
     vector = directions(model, names, reference)

@@ -53,24 +53,45 @@ def default_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(0)
 
 
-def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *, rel_tol: float = 0.05,
-                  max_probes: int = 1000, generator: torch.Generator | None = None,
-                  params: Sequence[str] | None = None,
-                  probes_per_batch: int = PROBES_PER_BATCH) -> tuple[float, float]:
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    *,
+    rel_tol: float = 0.05,
+    max_probes: int = 1000,
+    generator: torch.Generator | None = None,
+    params: Sequence[str] | None = None,
+    probes_per_batch: int = PROBES_PER_BATCH,
+) -> tuple[float, float]:
     """(estimate, standard error) of tr H̄, the Hessian of the mean loss over ``data``.
 
     See :func:`hessian_trace_per_layer` for the arguments.
     """
-    result = hessian_trace_per_layer(model, loss_fn, data, rel_tol=rel_tol, max_probes=max_probes,
-                                     generator=generator, params=params, probes_per_batch=probes_per_batch)
+    result = hessian_trace_per_layer(
+        model,
+        loss_fn,
+        data,
+        rel_tol=rel_tol,
+        max_probes=max_probes,
+        generator=generator,
+        params=params,
+        probes_per_batch=probes_per_batch,
+    )
     return result.trace, result.stderr
 
 
-def hessian_trace_per_layer(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch], *,
-                            rel_tol: float = 0.05, max_probes: int = 1000,
-                            generator: torch.Generator | None = None,
-                            params: Sequence[str] | None = None,
-                            probes_per_batch: int = PROBES_PER_BATCH) -> TraceEstimate:
+def hessian_trace_per_layer(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Batch],
+    *,
+    rel_tol: float = 0.05,
+    max_probes: int = 1000,
+    generator: torch.Generator | None = None,
+    params: Sequence[str] | None = None,
+    probes_per_batch: int = PROBES_PER_BATCH,
+) -> TraceEstimate:
     """Doubly stochastic Hutchinson estimate of tr H̄ and of every parameter block's trace.
 
     Stops when the standard error ≤ ``rel_tol``·|estimate| after at least 10 products and 5
@@ -137,8 +158,9 @@ def _weighted_mean_and_stderr(values: Tensor, weights: Tensor) -> tuple[Tensor, 
 def _converged(totals: list[float], weights: list[float], rel_tol: float, min_rounds: int) -> bool:
     if len(totals) < min_rounds:
         return False
-    mean, stderr = _weighted_mean_and_stderr(torch.tensor(totals, dtype=torch.float64),
-                                             torch.tensor(weights, dtype=torch.float64))
+    mean, stderr = _weighted_mean_and_stderr(
+        torch.tensor(totals, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+    )
     return bool(stderr <= rel_tol * mean.abs())
 
 
@@ -146,6 +168,10 @@ def _summarise(names: Sequence[str], samples: Tensor, weights: list[float], prod
     w = torch.tensor(weights, dtype=torch.float64)
     mean, stderr = _weighted_mean_and_stderr(samples.sum(1), w)
     layer_means, layer_errors = _weighted_mean_and_stderr(samples, w)
-    return TraceEstimate(trace=float(mean), stderr=float(stderr), n_probes=products,
-                         per_layer=dict(zip(names, layer_means.tolist(), strict=True)),
-                         per_layer_stderr=dict(zip(names, layer_errors.tolist(), strict=True)))
+    return TraceEstimate(
+        trace=float(mean),
+        stderr=float(stderr),
+        n_probes=products,
+        per_layer=dict(zip(names, layer_means.tolist(), strict=True)),
+        per_layer_stderr=dict(zip(names, layer_errors.tolist(), strict=True)),
+    )

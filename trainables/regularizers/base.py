@@ -91,7 +91,3 @@ class Regularizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
-
-    def params_passes(self) -> int:
-        """Forward+backward passes per step this regularizer's gradient uses (1 when it does not)."""
-        return 1

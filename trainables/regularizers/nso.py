@@ -116,9 +116,6 @@ class NSO(Regularizer):
         self._flat: torch.Tensor | None = None
         self._saved: list[torch.Tensor] | None = None
 
-    def params_passes(self) -> int:
-        return 2 * self.cfg.k + (1 if self.cfg.lam > 0 else 0)
-
     @property
     def _clean_first(self) -> bool:
         """A pass at W runs first: λ > 0 needs ∇f(W); ``clean_forward`` takes BN statistics there."""

@@ -28,9 +28,6 @@ class SAM(Regularizer):
         self.params: list[torch.Tensor] = [p for p in ctx.model.parameters() if p.requires_grad]
         self.bns = batchnorms(ctx.model)
 
-    def params_passes(self) -> int:
-        return 2
-
     def gradient(self, closure: Closure, epoch: int) -> torch.Tensor | None:
         params = self.params
         loss = closure()
