@@ -427,6 +427,9 @@ def _process_environment() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # against an http server MLflow prints "View run … / View experiment …" whenever a run ends, once
+    # per trial, burying the progress lines; the sweep prints where to look at its end instead
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
