@@ -90,6 +90,10 @@ def test_one_parent_and_one_finished_child_per_trial(sweep: dict[str, object]) -
     assert set(children["status"]) == {"FINISHED"} and parent["status"].iloc[0] == "FINISHED"
     assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
     assert children["tags.hesstune.trial_id"].nunique() == 4
+    import mlflow
+
+    experiment = mlflow.MlflowClient().get_experiment(parent["experiment_id"].iloc[0])
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # not MLflow's GenAI view
     assert set(children["tags.hesstune.transition"]) == {"true"}  # the injected, revealed F (docs/transition.md)
 
 

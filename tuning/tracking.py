@@ -102,6 +102,11 @@ def _retry(fn: Any, *args: Any, attempts: int = 5, **kwargs: Any) -> Any:
     return None
 
 
+# MLflow 3.x opens an experiment without this tag in its GenAI view (a sweep's parent run then sits
+# under "Evaluations"); "custom_model_development" is its kind for model-training experiments
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_parent_run(
     uri: str, sweep: str, *, tags: Mapping[str, str], params: Mapping[str, Any], artifacts: Path | None = None
 ) -> tuple[str, str]:
@@ -111,7 +116,7 @@ def ensure_parent_run(
     mc = client(uri)
     exp = mc.get_experiment_by_name(sweep)
     location = artifacts.resolve().as_uri() if artifacts is not None and uri.startswith("sqlite:") else None
-    exp_id = exp.experiment_id if exp else mc.create_experiment(sweep, artifact_location=location)
+    exp_id = exp.experiment_id if exp else mc.create_experiment(sweep, artifact_location=location, tags=EXPERIMENT_TAGS)
     found = mc.search_runs(
         [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`hesstune.role` = 'parent'"
     )
