@@ -252,3 +252,7 @@ def test_the_report_names_the_noise_case_from_the_f_the_trials_used() -> None:
     assert "two classes" in "\n".join(noise_case(_case_table(0.3, None, revealed=False)))
     assert noise_case(_case_table(0.3, 0.5, revealed=False).drop(columns="f_noise_rate")) == []
     assert "class-dependent" in format_report(_case_table(0.3, 0.6, revealed=False), "val_acc")
+    with_split = _case_table(0.4, 0.1, revealed=False).assign(n_val=200.0)
+    assert "the default selection is val_acc" in "\n".join(noise_case(with_split))
+    no_split = with_split.assign(n_val=0.0)
+    assert "Without a validation split the default selection is bound" in "\n".join(noise_case(no_split))

@@ -134,21 +134,19 @@ def noise_case(table: pd.DataFrame) -> list[str]:
     if not true_f:
         head += " (noise that follows the images is undercounted)"
     if rate < LITTLE_NOISE:
-        return [
-            f"{head}: little noise, so the criteria should mostly agree. An estimate misses noise "
-            "that follows the images (docs/transition.md)."
-        ]
+        return [f"{head}: little noise, so the criteria should mostly agree (docs/transition.md)."]
     if not math.isfinite(structure):
         return [f"{head}; with two classes, symmetric and class-dependent noise are the same case."]
+    has_val = "n_val" in table and bool((pd.to_numeric(table["n_val"], errors="coerce") > 0).any())
     if structure < STRUCTURE_CUT:
         return [
             f"{head}, spread evenly over the other classes (structure {structure:.2f} < {STRUCTURE_CUT}): "
             "symmetric-like.",
-            f"  {SYMMETRIC_ADVICE}",
+            f"  {SYMMETRIC_ADVICE if has_val else SYMMETRIC_NO_SPLIT_ADVICE}",
         ]
     return [
         f"{head}, concentrated on particular classes (structure {structure:.2f} ≥ {STRUCTURE_CUT}): class-dependent.",
-        f"  {CLASS_DEPENDENT_ADVICE}",
+        f"  {CLASS_DEPENDENT_ADVICE if has_val else CLASS_DEPENDENT_NO_SPLIT_ADVICE}",
     ]
 
 
@@ -156,6 +154,15 @@ SYMMETRIC_ADVICE = (
     "Under symmetric noise, noisy validation accuracy ranks models as clean accuracy does, so the default "
     "selection is val_acc: in both selection studies the Hessian band only added variance there "
     "(docs/results.md)."
+)
+SYMMETRIC_NO_SPLIT_ADVICE = (
+    "Without a validation split the default selection is bound; under symmetric noise, a sweep with a validation "
+    "split, selected by val_acc and refit on all the data (hesstune export --refit), did better in both "
+    "selection studies (docs/results.md)."
+)
+CLASS_DEPENDENT_NO_SPLIT_ADVICE = (
+    "Without a validation split the default selection is bound, which beat holding out and refitting under "
+    "correlated noise in both selection studies and under pair noise on one of the two (docs/results.md)."
 )
 CLASS_DEPENDENT_ADVICE = (
     "Under class-dependent noise, validation accuracy rewards models that learned the flips, so the default "
