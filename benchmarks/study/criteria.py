@@ -259,11 +259,9 @@ def _noise_switch(frame: pd.DataFrame) -> np.ndarray:
 
 
 def _noise_case_switch(frame: pd.DataFrame) -> np.ndarray:
-    from tuning.selection import STRUCTURE_CUT
+    from tuning.selection import noise_looks_symmetric  # the product's rule, so the study scores exactly it
 
-    structure = _col(frame, "f_structure") if "f_structure" in frame else np.array([math.nan])
-    symmetric = bool(np.isfinite(structure).any()) and float(np.nanmedian(structure)) < STRUCTURE_CUT
-    return _val_top(frame) if symmetric else _band_pick(frame, _col(frame, "bound"), BAND_Z)
+    return _val_top(frame) if noise_looks_symmetric(frame) else _band_pick(frame, _col(frame, "bound"), BAND_Z)
 
 
 EB_TAUS = tuple(float(t) for t in np.geomspace(1e-3, 0.3, 40))  # a-priori grid for val_acc_eb's τ
