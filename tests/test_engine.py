@@ -25,7 +25,7 @@ from trainables.models import create_model, ensure_source_model, layer_groups, s
 from trainables.noise import apply_noise, symmetric_transition
 
 K = 5
-TIMING = {"epoch_s"}
+TIMING = {"epoch_s", "eval_s"}
 
 
 def _split(n: int, gen: torch.Generator, noise_rate: float = 0.0) -> Split:

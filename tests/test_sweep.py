@@ -61,6 +61,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> 
         "3",
         "--noise",  # class-dependent: the default selection is val_band_bound (symmetric: val_acc)
         "pair:0.4",
+        "--diagnostics-every",
+        "2",
         env=cli_env,
         cwd=elsewhere,
     )
@@ -104,9 +106,15 @@ def test_child_runs_hold_config_params_epoch_metrics_and_final_measures(sweep: d
     for key in ("params.optim.lr", "params.constraint.radius", "params.epochs", "params.task.noise.rate"):
         assert children[key].notna().all(), key
     assert children["params.epochs"].eq("2").all()
-    for key in ("measure", "bound", "trace", "lambda_max", "gap", "val_acc", "test_acc", "distance"):
+    for key in ("measure", "bound", "gap", "val_acc", "test_acc", "distance"):
         values = children[f"metrics.{key}"]
         assert values.map(math.isfinite).all(), key
+    # --diagnostics-every 2: trace and λ_max (with their stated errors) in trials 0 and 2 only
+    assert sorted(children["tags.hesstune.trial_index"].astype(int)) == [0, 1, 2, 3]
+    diagnosed = children["tags.hesstune.trial_index"].astype(int) % 2 == 0
+    for key in ("trace", "xtra/trace_se", "lambda_max", "xtra/lambda_max_residual"):
+        assert children.loc[diagnosed, f"metrics.{key}"].map(math.isfinite).all(), key
+        assert children.loc[~diagnosed, f"metrics.{key}"].isna().all(), key
     assert "metrics.xtra/objective" in children and "metrics.config/optim.lr" not in children
     history = mlflow.MlflowClient().get_metric_history(children["run_id"].iloc[0], "train_loss")
     assert sorted(m.step for m in history) == [1, 2]
@@ -160,6 +168,7 @@ def test_parent_artifacts(sweep: dict[str, object]) -> None:
 def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str, object]) -> None:
     stdout = str(sweep["stdout"])
     assert "Leaderboard by val_band_bound" in stdout and "Correlation with the true test gap" in stdout
+    assert "(trace and lambda_max on 2 of 4 trials: the sweep measures them on every N-th trial" in stdout
     assert "validation band from the trials' per-sample validation correctness (paired)" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert "Noise case (the injected F): about 40% of the training labels wrong" in stdout

@@ -120,7 +120,7 @@ def _final(cfg: RunConfig, data: TaskData) -> tuple[dict[str, float], dict[str, 
     return last.metrics, last.records
 
 
-TIMING = ("epoch_s", "measure_s")
+TIMING = ("epoch_s", "eval_s", "measure_s")
 
 
 def _comparable(metrics: dict[str, float]) -> dict[str, float]:

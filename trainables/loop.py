@@ -347,9 +347,12 @@ def _run_epoch(run: _Run, epoch: int, evaluated: bool = True) -> EpochResult:
         "forward_passes_per_step": run.passes[0] / steps,
         "backward_passes_per_step": run.passes[1] / steps,
         "lr": float(run.optimizer.param_groups[0]["lr"]),
-        **(evaluate(run, records if final else None) if evaluated or final else {}),
-        **(_distances(run) if evaluated or final else {}),
     }
+    if evaluated or final:
+        tic = time.perf_counter()
+        metrics.update(evaluate(run, records if final else None))
+        metrics.update(_distances(run))
+        metrics["eval_s"] = time.perf_counter() - tic
     for reg in run.regs:
         metrics.update(reg.end_epoch(epoch))
     if cfg.measure.enabled and (final or (cfg.measure.every and epoch % cfg.measure.every == 0)):

@@ -67,7 +67,7 @@ def measure_model(
     """All end-of-trial measures as flat metrics (``measure``, ``bound``, ``h/<layer>``, ...)."""
     from trainables.hessian import hessian_trace
     from trainables.hessian.curvature import measure_layer_curvatures
-    from trainables.hessian.eigen import top_eigenvalue_and_iterations
+    from trainables.hessian.eigen import top_eigenvalue_estimate
 
     mc = cfg.measure
     device = next(model.parameters()).device
@@ -109,9 +109,10 @@ def measure_model(
         tic = time.perf_counter()
         eig_idx = idx[: mc.eigen_samples]
         eig_batches = _batches(train.x[eig_idx], train.labels[eig_idx], device, size=step)
-        out["lambda_max"], iterations = top_eigenvalue_and_iterations(
+        eigen = top_eigenvalue_estimate(
             model, per_sample_ce, eig_batches, iters=mc.eigen_iters, rel_tol=mc.eigen_rel_tol, generator=gen
         )
-        out["lambda_max_iters"] = float(iterations)
+        out["lambda_max"], out["lambda_max_residual"] = eigen.value, eigen.residual
+        out["lambda_max_iters"] = float(eigen.iterations)
         out["lambda_max_s"] = time.perf_counter() - tic
     return out

@@ -22,6 +22,7 @@ from trainables.loop import fine_tune
 __all__ = ["OBJECTIVE_KEY", "STATE_FILE", "TrialOutOfMemoryError", "run_trial"]
 
 OBJECTIVE_KEY = "objective"
+TRIAL_INDEX_KEY = "_trial_index"  # the trial's number, from the sweep's searcher (tuning.search)
 STATE_FILE = "state.pt"
 
 
@@ -66,10 +67,15 @@ def _placement(gpu_fraction: float) -> dict[str, str]:
     return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ",".join(gpus)}
 
 
-def run_trial(config: dict[str, Any], *, objective: str = "bound", gpu_fraction: float = 0.0) -> None:
-    """Ray Tune function trainable for one fine-tuning trial (threads come from the config)."""
+def run_trial(
+    config: dict[str, Any], *, objective: str = "bound", gpu_fraction: float = 0.0, diagnostics_every: int = 1
+) -> None:
+    """Ray Tune function trainable for one fine-tuning trial (threads come from the config).
+
+    ``diagnostics_every`` N: trace and λ_max only when the trial's number (``_trial_index``, set
+    by the sweep's searcher; 0 when absent) is a multiple of N; M and B always."""
     try:
-        _run(config, objective, gpu_fraction)
+        _run(config, objective, gpu_fraction, diagnostics_every)
     except torch.cuda.OutOfMemoryError as exc:
         raise TrialOutOfMemoryError(
             f"CUDA out of memory with {gpu_fraction or 1} GPU per trial ({str(exc).splitlines()[0]}): "
@@ -77,10 +83,12 @@ def run_trial(config: dict[str, Any], *, objective: str = "bound", gpu_fraction:
         ) from exc
 
 
-def _run(config: dict[str, Any], objective: str, gpu_fraction: float) -> None:
+def _run(config: dict[str, Any], objective: str, gpu_fraction: float, diagnostics_every: int) -> None:
     from ray import tune
 
     cfg = RunConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
+    if int(config.get(TRIAL_INDEX_KEY, 0)) % diagnostics_every:
+        cfg = cfg.replace(**{"measure.trace": False, "measure.eigenvalue": False})
     where = _placement(gpu_fraction)
     resume = _load_checkpoint()
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):

@@ -11,6 +11,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from trainables.trainable import TRIAL_INDEX_KEY
 from tuning import selection
 from tuning.tracking import (
     client,
@@ -88,8 +89,15 @@ class TrackingCallback(Callback):
     def _child(self, trial: Any) -> str:
         if trial.trial_id not in self.children:
             params = {k: v for k, v in trial.config.items() if not str(k).startswith("_")}
+            index = trial.config.get(TRIAL_INDEX_KEY)  # the searcher's trial number (diagnostics schedule)
             self.children[trial.trial_id] = open_child(
-                self.mc, self.exp_id, self.parent_id, trial.trial_id, f"{self.sweep}-{trial.trial_id}", params
+                self.mc,
+                self.exp_id,
+                self.parent_id,
+                trial.trial_id,
+                f"{self.sweep}-{trial.trial_id}",
+                params,
+                tags={"hesstune.trial_index": str(index)} if index is not None else None,
             )
         if trial.trial_id not in self.logged:  # once per driver process: the store knows, a pickle may be stale
             self.logged[trial.trial_id] = logged_epochs(self.mc, self.children[trial.trial_id])

@@ -154,8 +154,10 @@ FINAL_KEYS = (
     "trace",
     "trace_se",
     "lambda_max",
+    "lambda_max_residual",
     "distance",
     "backward_passes_per_step",
+    "eval_s",
     "measure_s",
     "trace_s",
     "lambda_max_s",
@@ -191,6 +193,7 @@ def _sweep_options(args: argparse.Namespace) -> Any:
         seed=args.seed or 0,
         address=args.address,
         max_failures=args.max_failures,
+        diagnostics_every=args.diagnostics_every,
     )
 
 
@@ -351,6 +354,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from tuning import selection
+    from tuning.sweep import DIAGNOSTICS_EVERY
 
     parser = argparse.ArgumentParser(prog="hesstune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: a local Ray")
     s.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
     s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint")
+    s.add_argument(
+        "--diagnostics-every",
+        type=int,
+        default=DIAGNOSTICS_EVERY,
+        help=f"trace and λ_max (correlation-table diagnostics) in every N-th trial; M and B in all "
+        f"(default {DIAGNOSTICS_EVERY}; 1: every trial)",
+    )
     s.set_defaults(func=cmd_sweep)
 
     for cmd, helptext in (

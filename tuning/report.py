@@ -95,6 +95,12 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         ]
         if (corr["n"] < 3).any():
             lines.append("(NaN where n < 3: a correlation needs at least 3 finished trials with the measure)")
+        partial = [m for m in ("trace", "lambda_max") if m in corr.index and corr.loc[m, "n"] < len(table)]
+        if partial:
+            lines.append(
+                f"({' and '.join(partial)} on {int(corr.loc[partial[0], 'n'])} of {len(table)} trials: the sweep "
+                "measures them on every N-th trial, --diagnostics-every; 1 measures all)"
+            )
         lines.append("")
     regrets = {
         c: selection.regret(table, c)

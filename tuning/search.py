@@ -3,7 +3,7 @@
 Ray's ``OptunaSearch`` tells Optuna COMPLETE with the low-rung value when ASHA stops a trial, so
 TPE mixes 1-epoch and full-budget scores as if they were equal. Here a
 trial whose last result is before the final epoch is told PRUNED; its intermediate values were
-already reported.
+already reported. Each config also carries the trial's number (``_trial_index``).
 """
 
 from __future__ import annotations
@@ -14,15 +14,26 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from trainables.trainable import TRIAL_INDEX_KEY
+
 __all__ = ["FidelityAwareOptunaSearch"]
 
 log = logging.getLogger(__name__)
 
 
 class FidelityAwareOptunaSearch(OptunaSearch):
+    """Also numbers the trials: every config carries its Optuna trial number (0, 1, …) under
+    ``_trial_index``, which the trainable reads to run the diagnostics on every N-th trial."""
+
     def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and trial_id in self._ot_trials:
+            config = {**config, TRIAL_INDEX_KEY: self._ot_trials[trial_id].number}
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         stopped_early = result is not None and not error and result.get("epoch", self._max_epochs) < self._max_epochs

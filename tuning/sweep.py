@@ -25,6 +25,7 @@ from tuning.tracking import ensure_parent_run, validate_tracking_uri
 __all__ = ["SweepError", "SweepOptions", "SweepPaths", "load_sweep", "run_sweep"]
 
 META_FILE = "hesstune_sweep.json"
+DIAGNOSTICS_EVERY = 4
 
 
 class SweepError(HesstuneError):
@@ -47,6 +48,9 @@ class SweepOptions:
     seed: int = 0
     address: str | None = None
     max_failures: int = 1
+    # trace and λ_max (diagnostics for the correlation table, not for selection) in every N-th
+    # trial only: they cost more than M and B together (benchmarks/trial_profile.py, README)
+    diagnostics_every: int = DIAGNOSTICS_EVERY
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -60,6 +64,7 @@ class SweepOptions:
         data = dict(data)
         data["base"] = RunConfig.from_dict(data["base"])
         data["output"] = Path(data["output"])
+        data.setdefault("diagnostics_every", 1)  # sweeps started before the option measured every trial
         return cls(**data)
 
 
@@ -118,6 +123,8 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
         raise SweepError(f"--scheduler {opts.scheduler!r} is unknown: use fifo or asha")
     if opts.max_failures < 0:
         raise SweepError(f"--max-failures {opts.max_failures} must be ≥ 0")
+    if opts.diagnostics_every < 1:
+        raise SweepError(f"--diagnostics-every {opts.diagnostics_every} must be ≥ 1 (1: trace and λ_max in every trial)")
     objective_metric(opts.objective)
     validate_tracking_uri(opts.tracking_uri)  # sqlite on several nodes is refused by the preflight
     space = load_space(opts.space)
@@ -235,7 +242,9 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
 
     metric, mode = objective_metric(opts.objective)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, objective=metric, gpu_fraction=opts.gpus_per_trial),
+        tune.with_parameters(
+            run_trial, objective=metric, gpu_fraction=opts.gpus_per_trial, diagnostics_every=opts.diagnostics_every
+        ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if paths.experiment.exists() and tune.Tuner.can_restore(str(paths.experiment)):
@@ -350,6 +359,7 @@ def _sweep_params(opts: SweepOptions, space: SearchSpace) -> dict[str, Any]:
             "concurrency": opts.concurrency,
             "cpus_per_trial": opts.cpus_per_trial,
             "gpus_per_trial": opts.gpus_per_trial,
+            "diagnostics_every": opts.diagnostics_every,
         }
     )
     return params

@@ -194,13 +194,22 @@ def find_child(mc: Any, exp_id: str, parent_id: str, trial_id: str) -> str | Non
     return runs[0].info.run_id if runs else None
 
 
-def open_child(mc: Any, exp_id: str, parent_id: str, trial_id: str, name: str, params: Mapping[str, Any]) -> str:
+def open_child(
+    mc: Any,
+    exp_id: str,
+    parent_id: str,
+    trial_id: str,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+) -> str:
     """The trial's child run: reopened when it exists (resume/retry), created otherwise."""
     run_id = find_child(mc, exp_id, parent_id, trial_id)
     if run_id is not None:
         _retry(mc.update_run, run_id, status="RUNNING")
         return run_id
-    run = _retry(mc.create_run, exp_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id})
+    tags = {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **(tags or {})}
+    run = _retry(mc.create_run, exp_id, run_name=name, tags=tags)
     _log_params(mc, run.info.run_id, params)
     return str(run.info.run_id)
 

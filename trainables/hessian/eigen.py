@@ -14,6 +14,7 @@ preallocated matrix.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from trainables.hessian._derivatives import batch_hvp
 from trainables.hessian._model import Batch, BatchSource, LossFn, evaluation_mode, trainable_names
 from trainables.hessian.trace import default_generator
 
-__all__ = ["lanczos_tridiagonal", "top_eigenvalue", "top_eigenvalue_and_iterations"]
+__all__ = ["EigenEstimate", "Lanczos", "lanczos_tridiagonal", "top_eigenvalue", "top_eigenvalue_estimate"]
 
 
 class _MeanHessian:
@@ -51,10 +52,23 @@ class _MeanHessian:
         return total / count
 
 
+class Lanczos(NamedTuple):
+    """T_k (float64) and β_{k+1}, the norm of the part of H v_k outside the Krylov basis: the top
+    Ritz pair (θ, y) of T_k has residual ‖H y − θ y‖ = β_{k+1}·|s_k| (s: θ's eigenvector of T_k)."""
+
+    tridiagonal: Tensor
+    next_beta: float
+
+    def top(self) -> tuple[float, float]:
+        """(θ, its residual): some eigenvalue of the operator lies within the residual of θ."""
+        values, vectors = torch.linalg.eigh(self.tridiagonal)
+        return float(values[-1]), self.next_beta * abs(float(vectors[-1, -1]))
+
+
 def lanczos_tridiagonal(
     matvec: Callable[[Tensor], Tensor], start: Tensor, iters: int, *, rel_tol: float = 0.0
-) -> Tensor:
-    """The k×k tridiagonal Lanczos matrix T_k (float64) of a symmetric ``matvec``, from ``start``.
+) -> Lanczos:
+    """The k×k tridiagonal Lanczos matrix T_k of a symmetric ``matvec``, from ``start``, and β_{k+1}.
 
     k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0) or, with
     ``rel_tol`` > 0, once the top Ritz pair (θ, y) has converged: ‖H y − θ y‖ = β_{k+1}·|s_k|
@@ -69,29 +83,38 @@ def lanczos_tridiagonal(
     for step in range(steps):
         w = matvec(basis[step])
         alphas.append(float(basis[step] @ w))
-        if step == steps - 1:
-            break
         done = basis[: step + 1]
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
             w = w - done.T @ (done @ w)
         beta = float(w.norm())
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
-        if beta <= 100 * torch.finfo(w.dtype).eps * scale or (rel_tol > 0 and _converged(alphas, betas, beta, rel_tol)):
-            break
+        if beta <= 100 * torch.finfo(w.dtype).eps * scale:
+            return Lanczos(_tridiagonal(alphas, betas), 0.0)  # invariant subspace: exact
+        found = Lanczos(_tridiagonal(alphas, betas), beta)
+        if step == steps - 1 or (rel_tol > 0 and _converged(found, rel_tol)):
+            return found
         betas.append(beta)
         basis[step + 1] = w / beta
-    return _tridiagonal(alphas, betas)
+    raise AssertionError("unreachable: the loop returns at its last step")
 
 
-def _converged(alphas: list[float], betas: list[float], beta: float, rel_tol: float) -> bool:
-    """Whether T_k's top Ritz pair has residual β·|s_k| ≤ rel_tol·|θ| (k = len(alphas))."""
-    values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
-    return beta * abs(float(vectors[-1, -1])) <= rel_tol * abs(float(values[-1]))
+def _converged(lanczos: Lanczos, rel_tol: float) -> bool:
+    """Whether T_k's top Ritz pair has residual ≤ rel_tol·|θ|."""
+    value, residual = lanczos.top()
+    return residual <= rel_tol * abs(value)
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
     off = torch.tensor(betas, dtype=torch.float64)
     return torch.diag(torch.tensor(alphas, dtype=torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
+
+
+class EigenEstimate(NamedTuple):
+    """λ_max's Ritz value, its residual (some eigenvalue lies within it) and the Lanczos steps."""
+
+    value: float
+    residual: float
+    iterations: int
 
 
 def top_eigenvalue(
@@ -111,12 +134,12 @@ def top_eigenvalue(
     top Ritz pair's residual is ≤ rel_tol·|λ| (:func:`lanczos_tridiagonal`). ``params``: parameter
     names spanning the Hessian (default: all with ``requires_grad``). Eval mode; modes restored.
     """
-    return top_eigenvalue_and_iterations(
+    return top_eigenvalue_estimate(
         model, loss_fn, data, iters=iters, generator=generator, params=params, rel_tol=rel_tol
-    )[0]
+    ).value
 
 
-def top_eigenvalue_and_iterations(
+def top_eigenvalue_estimate(
     model: nn.Module,
     loss_fn: LossFn,
     data: Iterable[Batch],
@@ -125,8 +148,8 @@ def top_eigenvalue_and_iterations(
     generator: torch.Generator | None = None,
     params: Sequence[str] | None = None,
     rel_tol: float = 0.0,
-) -> tuple[float, int]:
-    """(:func:`top_eigenvalue`, the Lanczos iterations it took: HVP passes over ``data``)."""
+) -> EigenEstimate:
+    """:func:`top_eigenvalue` with its residual and the Lanczos iterations (HVP passes over ``data``)."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters={iters!r} must be a positive int (15-30 is typical)")
     if not 0 <= rel_tol < 1:
@@ -137,5 +160,6 @@ def top_eigenvalue_and_iterations(
     with evaluation_mode(model):
         operator = _MeanHessian(model, loss_fn, source, names)
         start = torch.randn(operator.size, generator=rng, device=rng.device, dtype=torch.float64)
-        tridiagonal = lanczos_tridiagonal(operator, start.to(operator.device, operator.dtype), iters, rel_tol=rel_tol)
-    return float(torch.linalg.eigvalsh(tridiagonal).max()), tridiagonal.shape[0]
+        lanczos = lanczos_tridiagonal(operator, start.to(operator.device, operator.dtype), iters, rel_tol=rel_tol)
+    value, residual = lanczos.top()
+    return EigenEstimate(value, residual, lanczos.tridiagonal.shape[0])
