@@ -59,9 +59,9 @@ def per_sample_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def make_model() -> nn.Module:
+def make_model(name: str = "test_resnet") -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=CLASSES)
+    model = timm.create_model(name, num_classes=CLASSES)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)

@@ -17,8 +17,11 @@ draw; seeded, so every run profiles the same configurations). Per trial and phas
 - ``other``: the rest of the wall time (regularizer bookkeeping, distances, B's forward pass).
 
 Reporting to Ray and MLflow happens on the driver, beside the trials: ``benchmarks/sweep_overhead.py``
-measures it. ``hessian_share`` = (M + trace + λ_max) / the trial's wall time; the median over the
-trials of a regime is printed. ``measure_over_floor`` = M's time / one plain training epoch over
+measures it. Every profiled trial runs all measures. ``hessian_share`` is what a sweep spends on
+them, over all its trials: Σ (M + d/N) / Σ (wall − d + d/N), d = trace + λ_max seconds, for a sweep
+that runs the diagnostics in every N-th trial (``--diagnostics-every N``; every trial's own
+measured seconds, weighted by the schedule). It is printed for N = 1 and for the sweep's default N,
+whose value the ``hessian_share_*`` lines give. ``measure_over_floor`` = M's time / one plain training epoch over
 S (batch 32: forward, backward, Adam step, timed on the trial's final model) / the floor
 (1 + L)/3 epochs of an exact per-sample max measure (L = convolution and linear layers;
 docs/measures.md §7). Ends with ``hessian_share_digits``, ``hessian_share_fashion`` (the larger of
@@ -52,6 +55,7 @@ from trainables.config import RunConfig
 from trainables.data import TaskData, load_task
 from trainables.loop import fine_tune
 from trainables.models import ensure_source_model
+from tuning.sweep import DIAGNOSTICS_EVERY
 
 FASHION = {
     "task.name": "fashion-mnist",
@@ -116,7 +120,8 @@ def profile(cfg: RunConfig, data: TaskData) -> dict[str, float]:
             last = now
     assert result is not None
     m = result.metrics
-    phases["M"], phases["trace"], phases["lambda_max"] = (m.get(k, 0.0) for k in ("measure_s", "trace_s", "lambda_max_s"))
+    for phase, key in (("M", "measure_s"), ("trace", "trace_s"), ("lambda_max", "lambda_max_s")):
+        phases[phase] = m.get(key, 0.0)
     phases["wall"] = time.perf_counter() - tic
     model = _final_model(cfg, data, result.state()["model"])
     n = int(m["measure_samples"])
@@ -147,7 +152,7 @@ def run_regime(name: str, count: int, epochs: int, threads: int) -> list[dict[st
         on = [n for n in ("constraint", "self_label", "consistent", "nso", "sam") if getattr(cfg, n).enabled]
         shares = "  ".join(f"{p} {row[p]:6.2f}" for p in PHASES)
         print(
-            f"{name} trial {i}: {row['wall']:7.2f} s  {shares}  hessian {hessian_share(row):.3f}  "
+            f"{name} trial {i}: {row['wall']:7.2f} s  {shares}  hessian {hessian_share([row]):.3f}  "
             f"M/floor {row['measure_over_floor']:.2f}  trace rel.se {row['trace_rel_se']:.3f}  "
             f"methods {','.join(on) or 'none'}",
             flush=True,
@@ -155,8 +160,12 @@ def run_regime(name: str, count: int, epochs: int, threads: int) -> list[dict[st
     return rows
 
 
-def hessian_share(row: dict[str, float]) -> float:
-    return sum(row[p] for p in HESSIAN) / row["wall"]
+def hessian_share(rows: list[dict[str, float]], every: int = 1) -> float:
+    """Σ Hessian seconds / Σ wall seconds of a sweep running trace and λ_max in every N-th trial."""
+    diagnostics = [r["trace"] + r["lambda_max"] for r in rows]
+    hessian = sum(r["M"] + d / every for r, d in zip(rows, diagnostics, strict=True))
+    wall = sum(r["wall"] - d + d / every for r, d in zip(rows, diagnostics, strict=True))
+    return hessian / wall
 
 
 def summary(name: str, rows: list[dict[str, float]]) -> None:
@@ -166,8 +175,16 @@ def summary(name: str, rows: list[dict[str, float]]) -> None:
         seconds = statistics.median(r[phase] for r in rows)
         share = statistics.median(r[phase] / r["wall"] for r in rows)
         print(f"  {phase:<12}{seconds:8.2f}{share:8.3f}")
-    shares = [hessian_share(r) for r in rows]
-    print(f"  {'Hessian':<12}{'':8}{statistics.median(shares):8.3f}  (range {min(shares):.3f}–{max(shares):.3f})")
+    shares = [hessian_share([r]) for r in rows]
+    print(f"  {'Hessian':<12}{'':8}{statistics.median(shares):8.3f}  (per trial: {min(shares):.3f}–{max(shares):.3f})")
+    every = DIAGNOSTICS_EVERY
+    print(
+        f"  sweep share: {hessian_share(rows):.3f} with trace and λ_max in every trial, "
+        f"{hessian_share(rows, every):.3f} in every {every}th (--diagnostics-every {every}, the default); "
+        f"M alone {hessian_share(rows, 10**9):.3f}"
+    )
+    fine = [r["trace_rel_se"] for r in rows]
+    print(f"  trace standard error / trace: median {statistics.median(fine):.3f}")
 
 
 def main() -> None:
@@ -187,10 +204,10 @@ def main() -> None:
     for name, rows in results.items():
         summary(name, rows)
     if "digits" in results:
-        print(f"hessian_share_digits: {statistics.median(hessian_share(r) for r in results['digits']):.3f}")
+        print(f"hessian_share_digits: {hessian_share(results['digits'], DIAGNOSTICS_EVERY):.3f}")
     fashion = [n for n in results if n.startswith("fashion")]
     if fashion:
-        share = max(statistics.median(hessian_share(r) for r in results[n]) for n in fashion)
+        share = max(hessian_share(results[n], DIAGNOSTICS_EVERY) for n in fashion)
         floor = max(statistics.median(r["measure_over_floor"] for r in results[n]) for n in fashion)
         print(f"hessian_share_fashion: {share:.3f}")
         print(f"measure_over_floor_fashion: {floor:.3f}")

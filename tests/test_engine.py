@@ -359,7 +359,8 @@ def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) ->
         transition=task.transition,
     )
     assert exact["lambda_max_iters"] == 30
-    assert out["lambda_max"] == pytest.approx(exact["lambda_max"], rel=1e-3)
+    # the early-stopped value agrees with 30 full iterations within the residual it states
+    assert abs(out["lambda_max"] - exact["lambda_max"]) <= out["lambda_max_residual"] <= 1e-2 * out["lambda_max"]
 
 
 def test_the_final_epoch_records_which_validation_samples_the_model_gets_right(task: TaskData) -> None:

@@ -124,7 +124,9 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
     if opts.max_failures < 0:
         raise SweepError(f"--max-failures {opts.max_failures} must be ≥ 0")
     if opts.diagnostics_every < 1:
-        raise SweepError(f"--diagnostics-every {opts.diagnostics_every} must be ≥ 1 (1: trace and λ_max in every trial)")
+        raise SweepError(
+            f"--diagnostics-every {opts.diagnostics_every} must be ≥ 1 (1: trace and λ_max in every trial)"
+        )
     objective_metric(opts.objective)
     validate_tracking_uri(opts.tracking_uri)  # sqlite on several nodes is refused by the preflight
     space = load_space(opts.space)

@@ -13,7 +13,7 @@ piecewise linear in W_i (ReLU, eval-mode BatchNorm, pooling, linear ops).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -274,20 +274,25 @@ def batch_hvps(
     model: nn.Module,
     loss_fn: LossFn,
     leaves: Mapping[str, Tensor],
-    vectors: Sequence[Sequence[Tensor]],
+    vectors: Iterable[Sequence[Tensor]],
     x: Tensor,
     y: Tensor,
-) -> list[list[Tensor]]:
+    reduce: Callable[[Sequence[Tensor], list[Tensor]], Any] | None = None,
+) -> list[Any]:
     """[H_b v for v in vectors]: one forward and create_graph backward, then one second backward
     per vector on the retained graph. The first two passes are a third of a lone product's
-    cost, so k products on one batch cost about (1 + 2k)/3 lone ones (``hessian_cost.py``)."""
+    cost, so k products on one batch cost about (1 + 2k)/3 lone ones (``hessian_cost.py``).
+
+    With ``reduce``, the list holds ``reduce(v, H_b v)`` instead of the products; ``vectors`` may
+    be a lazy iterable. Then only one vector and its product are alive at a time: the memory of
+    k products on a large model is that of one (``benchmarks/hessian_memory.py``)."""
     params = list(leaves.values())
+    out = []
     with torch.enable_grad(), autodiff_kernels(double_backward=True):
         loss = per_sample_losses(loss_fn, functional_call(model, dict(leaves), (x,)), y).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        out = []
-        for k, vector in enumerate(vectors):
+        for vector in vectors:
             result = [torch.zeros_like(v) for v in vector]
             if live:
                 products = torch.autograd.grad(
@@ -295,8 +300,8 @@ def batch_hvps(
                     params,
                     grad_outputs=[vector[i] for i in live],
                     allow_unused=True,
-                    retain_graph=k < len(vectors) - 1,
+                    retain_graph=True,  # freed with ``grads`` on return
                 )
                 result = [r if p is None else p for r, p in zip(result, products, strict=True)]
-            out.append(result)
+            out.append(result if reduce is None else reduce(vector, result))
     return out

@@ -7,8 +7,8 @@ builds the tridiagonal T_k; the answer is T_k's largest *algebraic* eigenvalue (
 not the largest magnitude that power iteration converges to (docs/measures.md §6). Lanczos stops
 early on an invariant subspace (β ≈ 0), so k ≥ #distinct eigenvalues is exact (docs/measures.md §6).
 
-Memory: ``iters`` parameter-sized vectors are kept for the reorthogonalisation, in one
-preallocated matrix.
+Memory: one parameter-sized vector per iteration run is kept for the reorthogonalisation
+(stopping on the residual keeps that number low), plus a few for the product.
 """
 
 from __future__ import annotations
@@ -43,13 +43,16 @@ class _MeanHessian:
             piece.view(shape)
             for piece, shape in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
         ]
-        total = torch.zeros_like(flat)
+        total = torch.zeros_like(flat)  # a new vector per call: Lanczos owns it
+        parts = total.split([s.numel() for s in self.shapes])
         count = 0
         for x, y in self.source:
             product = batch_hvp(self.model, self.loss_fn, self.leaves, pieces, x, y)
-            total += x.shape[0] * torch.cat([p.reshape(-1) for p in product])
+            for part, piece in zip(parts, product, strict=True):
+                part.add_(piece.reshape(-1), alpha=x.shape[0])  # in place: no flat copy per batch
+            del product
             count += x.shape[0]
-        return total / count
+        return total.div_(count)
 
 
 class Lanczos(NamedTuple):
@@ -70,22 +73,23 @@ def lanczos_tridiagonal(
 ) -> Lanczos:
     """The k×k tridiagonal Lanczos matrix T_k of a symmetric ``matvec``, from ``start``, and β_{k+1}.
 
+    ``matvec`` returns a new tensor each call (it is updated in place here).
+
     k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0) or, with
     ``rel_tol`` > 0, once the top Ritz pair (θ, y) has converged: ‖H y − θ y‖ = β_{k+1}·|s_k|
     (s the eigenvector of T_k, s_k its last entry) ≤ rel_tol·|θ|. Then some eigenvalue lies within
     rel_tol·|θ| of θ, and θ's error is of order the residual squared over the spectral gap.
     """
     steps = min(iters, start.numel())
-    basis = start.new_empty(steps, start.numel())  # filled row by row: no copy of the basis per step
-    basis[0] = start / start.norm()
+    basis = [start / start.norm()]  # grows with the steps taken: memory ∝ iterations actually run
     alphas: list[float] = []
     betas: list[float] = []
     for step in range(steps):
-        w = matvec(basis[step])
+        w = matvec(basis[step])  # a new vector (the matvec keeps no reference): updated in place
         alphas.append(float(basis[step] @ w))
-        done = basis[: step + 1]
-        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            w = w - done.T @ (done @ w)
+        for _ in range(2):  # full reorthogonalisation (modified Gram–Schmidt), twice ("twice is enough")
+            for v in basis:
+                w.sub_(v, alpha=float(v @ w))
         beta = float(w.norm())
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
         if beta <= 100 * torch.finfo(w.dtype).eps * scale:
@@ -94,7 +98,7 @@ def lanczos_tridiagonal(
         if step == steps - 1 or (rel_tol > 0 and _converged(found, rel_tol)):
             return found
         betas.append(beta)
-        basis[step + 1] = w / beta
+        basis.append(w.div_(beta))
     raise AssertionError("unreachable: the loop returns at its last step")
 
 

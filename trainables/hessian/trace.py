@@ -9,7 +9,8 @@ are the independent samples the standard error is computed from. Sampling stops 
 error (not PyHessian's relative-change rule, docs/measures.md §5). The same products give
 unbiased per-parameter traces z_iᵀ(H z)_i, since cross-block terms have zero mean. HVPs by double
 backward; the probes of a round reuse one graph (:func:`batch_hvps`), which makes
-a product about 2.2× a gradient instead of 3.0–3.2× on ``test_resnet`` (``benchmarks/hessian_cost.py``).
+a product about 2.2× a gradient instead of 3.0–3.2× on ``test_resnet`` (``benchmarks/hessian_cost.py``),
+and are drawn one at a time, so a round holds one probe and one product, whatever its size.
 """
 
 from __future__ import annotations
@@ -119,11 +120,8 @@ def hessian_trace_per_layer(
         leaves = _leaves(model, names)
         for x, y in _cycle(source):
             count = min(probes_per_batch, max_probes - products)
-            probes = [[rademacher(leaf.shape, rng, leaf) for leaf in leaves.values()] for _ in range(count)]
-            per_probe = [
-                torch.stack([(z * h).sum() for z, h in zip(probe, product, strict=True)])
-                for probe, product in zip(probes, batch_hvps(model, loss_fn, leaves, probes, x, y), strict=True)
-            ]
+            probes = ([rademacher(leaf.shape, rng, leaf) for leaf in leaves.values()] for _ in range(count))
+            per_probe = batch_hvps(model, loss_fn, leaves, probes, x, y, reduce=_per_parameter_quadratic_forms)
             samples.append(torch.stack(per_probe).mean(0).to("cpu", torch.float64))
             totals.append(float(samples[-1].sum()))
             weights.append(float(x.shape[0]))
@@ -131,6 +129,11 @@ def hessian_trace_per_layer(
             if products >= max_probes or (products >= _MIN_PROBES and _converged(totals, weights, rel_tol, min_rounds)):
                 break
     return _summarise(names, torch.stack(samples), weights, products)
+
+
+def _per_parameter_quadratic_forms(probe: Sequence[Tensor], product: list[Tensor]) -> Tensor:
+    """[z_iᵀ (H z)_i per parameter tensor i]: all a probe leaves behind (its vectors are freed)."""
+    return torch.stack([(z * h).sum() for z, h in zip(probe, product, strict=True)])
 
 
 def _leaves(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
