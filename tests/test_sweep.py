@@ -168,7 +168,12 @@ def test_parent_artifacts(sweep: dict[str, object]) -> None:
 def test_sweep_prints_leaderboard_correlations_and_where_to_look(sweep: dict[str, object]) -> None:
     stdout = str(sweep["stdout"])
     assert "Leaderboard by val_band_bound" in stdout and "Correlation with the true test gap" in stdout
-    assert "(trace and lambda_max on 2 of 4 trials: the sweep measures them on every N-th trial" in stdout
+    assert (
+        "(trace on 2, lambda_max on 2 of 4 trials: a sweep measures them on every N-th trial, --diagnostics-every N, "
+        "1 for all; trace, lambda_max left out of the table: a correlation needs 3 trials)"
+    ) in stdout
+    table = stdout.split("Correlation with the true test gap")[1].split("(trace on")[0]
+    assert "measure" in table and "trace" not in table and "lambda_max" not in table
     assert "validation band from the trials' per-sample validation correctness (paired)" in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
     assert "Noise case (the injected F): about 40% of the training labels wrong" in stdout

@@ -278,3 +278,36 @@ def test_cli_turns_only_hesstune_errors_into_one_line_errors(
     monkeypatch.setattr(cli, "cmd_report", failing(ValueError("an internal bug")))
     with pytest.raises(ValueError, match="an internal bug"):
         cli.main(["report", "x"])
+
+
+def test_report_shows_trace_and_lambda_max_over_the_trials_that_measured_them() -> None:
+    """--diagnostics-every N: trace and λ_max exist in some trials only; the table uses those
+    (with their n) and says how many, and leaves them out below 3 instead of printing NaN."""
+    import pandas as pd
+
+    from tuning.report import format_report
+
+    def table(diagnosed: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "trial_id": f"t{i}",
+                "bound": 1.0 + i,
+                "measure": 0.1 * i,
+                "gap": 0.2 + 0.1 * i,
+                "val_acc": 0.5,
+                "test_acc": 0.7 - 0.01 * i,
+                **({"trace": 10.0 * i, "lambda_max": 5.0 - i} if i < diagnosed else {}),
+            }
+            for i in range(8)
+        )
+
+    text = format_report(table(4), "bound")
+    corr = text.split("Correlation with the true test gap")[1].splitlines()
+    assert next(r for r in corr if r.startswith("trace")).split() == ["trace", "1.000", "1.000", "1.000", "4"]
+    assert next(r for r in corr if r.startswith("lambda_max")).split()[1] == "-1.000"
+    assert "(trace on 4, lambda_max on 4 of 8 trials: a sweep measures them on every N-th trial" in text
+    text = format_report(table(2), "bound")
+    corr = text.split("Correlation with the true test gap")[1].split("(trace on")[0]
+    assert "trace" not in corr and "lambda_max" not in corr and "NaN" not in corr
+    assert "trace, lambda_max left out of the table: a correlation needs 3 trials)" in text
+    assert "trace on" not in format_report(table(8), "bound")  # every trial measured: nothing to say

@@ -66,6 +66,7 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
 
 
 CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
+DIAGNOSTICS = ("trace", "lambda_max")  # measured on every N-th trial of a sweep (--diagnostics-every)
 
 
 def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
@@ -86,7 +87,9 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]
-    measures = [m for m in CORRELATION_MEASURES if m in table and _finite(table[m]).any()]
+    measured = {m: int(_finite(table[m]).sum()) for m in CORRELATION_MEASURES if m in table}
+    diagnostics = {m: n for m, n in measured.items() if m in DIAGNOSTICS and n < len(table)}
+    measures = [m for m, n in measured.items() if n and not (m in diagnostics and n < 3)]
     if measures and "gap" in table:
         corr = selection.correlations(table, measures=tuple(measures), target="gap")
         lines += [
@@ -95,12 +98,15 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         ]
         if (corr["n"] < 3).any():
             lines.append("(NaN where n < 3: a correlation needs at least 3 finished trials with the measure)")
-        partial = [m for m in ("trace", "lambda_max") if m in corr.index and corr.loc[m, "n"] < len(table)]
-        if partial:
-            lines.append(
-                f"({' and '.join(partial)} on {int(corr.loc[partial[0], 'n'])} of {len(table)} trials: the sweep "
-                "measures them on every N-th trial, --diagnostics-every; 1 measures all)"
-            )
+    if diagnostics:
+        counts = ", ".join(f"{m} on {n}" for m, n in diagnostics.items())
+        hidden = [m for m, n in diagnostics.items() if n < 3]
+        left_out = f"; {', '.join(hidden)} left out of the table: a correlation needs 3 trials" if hidden else ""
+        lines.append(
+            f"({counts} of {len(table)} trials: a sweep measures them on every N-th trial, "
+            f"--diagnostics-every N, 1 for all{left_out})"
+        )
+    if (measures and "gap" in table) or diagnostics:
         lines.append("")
     regrets = {
         c: selection.regret(table, c)

@@ -293,7 +293,7 @@ def batch_hvps(
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         for vector in vectors:
-            result = [torch.zeros_like(v) for v in vector]
+            products: Sequence[Tensor | None] = [None] * len(params)
             if live:
                 products = torch.autograd.grad(
                     [grads[i] for i in live],
@@ -302,6 +302,6 @@ def batch_hvps(
                     allow_unused=True,
                     retain_graph=True,  # freed with ``grads`` on return
                 )
-                result = [r if p is None else p for r, p in zip(result, products, strict=True)]
+            result = [torch.zeros_like(v) if p is None else p for v, p in zip(vector, products, strict=True)]
             out.append(result if reduce is None else reduce(vector, result))
     return out
