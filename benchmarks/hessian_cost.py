@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.hessian import layer_curvatures
-from trainables.hessian._derivatives import batch_hvp, batch_hvps
+from trainables.hessian import batch_hvp, batch_hvps, layer_curvatures
 from trainables.hessian.curvature import Method
 from trainables.hessian.trace import PROBES_PER_BATCH
 

@@ -1,6 +1,6 @@
 """Wall-clock cost of one training step: plain SGD/Adam vs NSO (k = 1) and SAM.
 
-Runs the real :func:`trainables.loop._step` on real run objects (timm ``test_resnet``, random
+Runs the real :func:`trainables.loop.train_step` on real run objects (timm ``test_resnet``, random
 init, 5 classes, a fixed batch of 32 random 3×32×32 images). Methods are interleaved over
 repeats so that machine load affects all of them alike; each figure is the median over repeats
 of the mean step time within a repeat, after warm-up. NSO's target is ≤ 2.1× plain SGD (2 passes;
@@ -23,7 +23,7 @@ import torch
 
 from trainables.config import RunConfig
 from trainables.data import Split, TaskData
-from trainables.loop import _prepare, _Run, _step
+from trainables.loop import Run, prepare, train_step
 
 BATCH = 32
 CLASSES = 5
@@ -50,7 +50,7 @@ def random_task(image_size: int = 32) -> TaskData:
     return TaskData(split, None, split, y.clone(), CLASSES, None)
 
 
-def make_run(overrides: dict[str, object], data: TaskData, device: str) -> _Run:
+def make_run(overrides: dict[str, object], data: TaskData, device: str) -> Run:
     base = RunConfig.from_dict(
         {
             "model": {"name": "test_resnet", "pretrained": "none"},
@@ -61,16 +61,16 @@ def make_run(overrides: dict[str, object], data: TaskData, device: str) -> _Run:
             "epochs": 1,
         }
     )
-    return _prepare(base.replace(**overrides), data, log=lambda _: None)
+    return prepare(base.replace(**overrides), data, log=lambda _: None)
 
 
-def time_steps(run: _Run, x: torch.Tensor, index: torch.Tensor, steps: int) -> tuple[float, float]:
+def time_steps(run: Run, x: torch.Tensor, index: torch.Tensor, steps: int) -> tuple[float, float]:
     """Mean (wall, CPU-thread) seconds per step over ``steps`` consecutive steps."""
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
     sync()
     wall, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
-        _step(run, x, index, epoch=1)
+        train_step(run, x, index, epoch=1)
     sync()
     return (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
 

@@ -318,13 +318,13 @@ def test_wrong_number_of_group_scales_is_rejected_before_training(task: TaskData
 
 
 def test_head_lr_mult_gives_the_head_weights_and_bias_their_own_learning_rate(task: TaskData) -> None:
-    prepared = loop._prepare(config(**{"optim.head_lr_mult": 10.0}), task, log=lambda _: None)
+    prepared = loop.prepare(config(**{"optim.head_lr_mult": 10.0}), task, log=lambda _: None)
     body, head = prepared.optimizer.param_groups
     assert body["lr"] == 3e-3 and head["lr"] == pytest.approx(3e-2)
     named = dict(prepared.model.named_parameters())
     assert {id(p) for p in head["params"]} == {id(named["fc.weight"]), id(named["fc.bias"])}
     assert len(body["params"]) + 2 == len(named)
-    assert len(loop._prepare(config(), task, log=lambda _: None).optimizer.param_groups) == 1  # default: as before
+    assert len(loop.prepare(config(), task, log=lambda _: None).optimizer.param_groups) == 1  # default: as before
     faster = run(task, epochs=1, **{"optim.head_lr_mult": 10.0})[-1]["train_objective"]
     assert faster != run(task, epochs=1)[-1]["train_objective"]
     with pytest.raises(ConfigError, match=r"optim\.head_lr_mult=0"):
@@ -344,7 +344,7 @@ def test_measure_model_reports_every_measure_and_what_it_cost(task: TaskData) ->
         },
     )
     (result,) = train_to_end(cfg, data=task, log=lambda _: None)
-    prepared = loop._prepare(cfg, task, log=lambda _: None)
+    prepared = loop.prepare(cfg, task, log=lambda _: None)
     prepared.model.load_state_dict(result.state()["model"])
     out = measure_model(prepared.model, prepared.ctx.reference, task, cfg, transition=task.transition)
     assert out["measure_samples"] == 24

@@ -57,3 +57,22 @@ def test_code_and_docs_point_only_into_the_repository() -> None:
         if outside.search(line)
     ]
     assert not offenders, "\n".join(offenders[:20])
+
+
+def test_benchmarks_use_only_public_names_of_the_package() -> None:
+    """Benchmarks time what users run, through the public API: no ``_private`` module or name of
+    ``trainables`` or ``tuning`` is imported (they may change without notice)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            if node.module.split(".")[0] not in ("trainables", "tuning"):
+                continue
+            private = [p for p in node.module.split(".") if p.startswith("_")]
+            private += [alias.name for alias in node.names if alias.name.startswith("_")]
+            if private:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module} {private}")
+    assert not found, "\n".join(found)

@@ -33,7 +33,17 @@ from trainables.records import correctness_text, labels_text
 from trainables.regularizers import Regularizer, RunContext, build_regularizers
 from trainables.transition import RunTransition, run_transition
 
-__all__ = ["DivergedError", "EpochResult", "fine_tune", "predict", "resolve_device", "train_to_end"]
+__all__ = [
+    "DivergedError",
+    "EpochResult",
+    "Run",
+    "fine_tune",
+    "predict",
+    "prepare",
+    "resolve_device",
+    "train_step",
+    "train_to_end",
+]
 
 
 class DivergedError(RuntimeError):
@@ -70,7 +80,10 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torc
 
 
 @dataclass
-class _Run:
+class Run:
+    """One run's live state: what :func:`prepare` builds and :func:`train_step` advances (public
+    so that benchmarks time the real step)."""
+
     cfg: RunConfig
     data: TaskData
     model: nn.Module
@@ -110,7 +123,8 @@ def _scheduler(cfg: RunConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_sch
     return None
 
 
-def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run:
+def prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> Run:
+    """The model (from its pretrained source), the run's F, the regularizers and the optimizer."""
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -140,11 +154,11 @@ def _prepare(cfg: RunConfig, data: TaskData, log: Callable[[str], None]) -> _Run
         reg.setup(ctx)
     opt = _optimizer(cfg, model)
     gradient_reg = gradient_regs[0] if gradient_regs else None
-    return _Run(cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device, gradient_reg, transition)
+    return Run(cfg, data, model, opt, _scheduler(cfg, opt), regs, ctx, device, gradient_reg, transition)
 
 
 # -- one step ----------------------------------------------------------------------------------
-def _batch_loss(run: _Run, logits: torch.Tensor, labels: torch.Tensor, epoch: int) -> torch.Tensor:
+def _batch_loss(run: Run, logits: torch.Tensor, labels: torch.Tensor, epoch: int) -> torch.Tensor:
     losses = None
     for reg in run.regs:
         losses = reg.sample_loss(logits, labels) if losses is None else losses
@@ -160,7 +174,8 @@ def _batch_loss(run: _Run, logits: torch.Tensor, labels: torch.Tensor, epoch: in
     return loss
 
 
-def _step(run: _Run, x: torch.Tensor, index: torch.Tensor, epoch: int) -> float:
+def train_step(run: Run, x: torch.Tensor, index: torch.Tensor, epoch: int) -> float:
+    """One optimizer step on the batch ``x`` (training-set indices ``index``); its loss."""
     labels_ref: list[torch.Tensor] = []
 
     def closure(backward: bool = True) -> torch.Tensor:
@@ -189,11 +204,11 @@ def _step(run: _Run, x: torch.Tensor, index: torch.Tensor, epoch: int) -> float:
     return value
 
 
-def _train_epoch(run: _Run, epoch: int) -> float:
+def _train_epoch(run: Run, epoch: int) -> float:
     run.model.train()
     train = run.data.train
     order = torch.randperm(len(train), generator=run.ctx.generator)
-    losses = [_step(run, train.x[idx].to(run.device), idx, epoch) for idx in order.split(run.cfg.optim.batch_size)]
+    losses = [train_step(run, train.x[idx].to(run.device), idx, epoch) for idx in order.split(run.cfg.optim.batch_size)]
     if run.scheduler is not None:
         run.scheduler.step()
     return float(np.mean(losses))
@@ -206,7 +221,7 @@ def _split_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, f
     return loss, acc
 
 
-def _objective_losses(run: _Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _objective_losses(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     for reg in run.regs:
         losses = reg.sample_loss(logits, labels)
         if losses is not None:
@@ -215,7 +230,7 @@ def _objective_losses(run: _Run, logits: torch.Tensor, labels: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def _distances(run: _Run) -> dict[str, float]:
+def _distances(run: Run) -> dict[str, float]:
     params = dict(run.model.named_parameters())
     ref = run.ctx.reference
     out, total = {}, 0.0
@@ -228,7 +243,7 @@ def _distances(run: _Run) -> dict[str, float]:
     return out
 
 
-def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, float]:
+def evaluate(run: Run, records: dict[str, str] | None = None) -> dict[str, float]:
     """Eval-mode losses/accuracies; ``gap`` uses the same loss and label distribution as training.
     With ``records``, also which validation samples the model gets right and what it predicts
     (``val_correct``, ``val_pred``, trainables.records: what ``val_band_bound``'s paired band and
@@ -281,7 +296,7 @@ def evaluate(run: _Run, records: dict[str, str] | None = None) -> dict[str, floa
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def _state(run: _Run, epoch: int) -> dict[str, Any]:
+def _state(run: Run, epoch: int) -> dict[str, Any]:
     return {
         "epoch": epoch,
         "model": copy.deepcopy(run.model.state_dict()),
@@ -294,7 +309,7 @@ def _state(run: _Run, epoch: int) -> dict[str, Any]:
     }
 
 
-def _restore(run: _Run, state: dict[str, Any]) -> int:
+def _restore(run: Run, state: dict[str, Any]) -> int:
     run.model.load_state_dict(state["model"])
     for name, value in state["reference"].items():
         run.ctx.reference[name].copy_(value)
@@ -324,13 +339,13 @@ def fine_tune(
     other epochs' training is the same either way; the selection study evaluates its checkpoints only."""
     cfg.validate()
     data = data if data is not None else load_task(cfg.task)
-    run = _prepare(cfg, data, log)
+    run = prepare(cfg, data, log)
     start = _restore(run, resume) + 1 if resume else 1
     for epoch in range(start, cfg.epochs + 1):
         yield _run_epoch(run, epoch, evaluate_at is None or epoch in evaluate_at)
 
 
-def _run_epoch(run: _Run, epoch: int, evaluated: bool = True) -> EpochResult:
+def _run_epoch(run: Run, epoch: int, evaluated: bool = True) -> EpochResult:
     cfg = run.cfg
     run.passes[:] = [0, 0]
     steps_before = run.steps
@@ -364,7 +379,7 @@ def _run_epoch(run: _Run, epoch: int, evaluated: bool = True) -> EpochResult:
     return EpochResult(epoch, metrics, final, lambda: _state(run, epoch), records)
 
 
-def _transition(run: _Run) -> np.ndarray | None:
+def _transition(run: Run) -> np.ndarray | None:
     """The noise matrix the bound uses: the consistent loss's F (it may assume a symmetric rate),
     else the run's."""
     for reg in run.regs:

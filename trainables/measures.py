@@ -23,7 +23,7 @@ from trainables.config import RunConfig
 from trainables.data import TaskData
 from trainables.loop import predict
 
-__all__ = ["bound_terms", "measure_model", "per_sample_ce"]
+__all__ = ["bound_terms", "measure_model", "measure_subset", "per_sample_ce"]
 
 
 def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,8 @@ def bound_terms(
     return float(ce.mean()), cap, "trunc"
 
 
-def _subset(n: int, cap: int, seed: int) -> torch.Tensor:
+def measure_subset(n: int, cap: int, seed: int) -> torch.Tensor:
+    """Indices of the measure sample set S: all n samples, or a seeded sorted subset of ``cap``."""
     if n <= cap:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
@@ -74,7 +75,7 @@ def measure_model(
     train = data.train
     n = len(train)
     tic = time.perf_counter()
-    idx = _subset(n, mc.samples, cfg.seed)
+    idx = measure_subset(n, mc.samples, cfg.seed)
     batches = _batches(train.x[idx], train.labels[idx], device)
     curv = measure_layer_curvatures(model, per_sample_ce, batches, reference)  # max and mean, one pass
     h_max, h_mean = curv.max, curv.mean

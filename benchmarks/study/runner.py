@@ -54,25 +54,13 @@ def _task_data(cfg: Any) -> Any:
 def per_sample_curvatures(
     model: Any, reference: dict[str, Any], x: Any, y: Any, batch: int = 64
 ) -> tuple[list[str], Any]:
-    """q [L, n] (float64, CPU) for the default measure layers, in eval mode, exact (engine routine),
-    computed on the model's device."""
-    import torch
-
-    from trainables.hessian._model import evaluation_mode, resolve_names
-    from trainables.hessian.curvature import _batch_curvatures, _Layers, _make_plan
+    """q [L, n] (float64, CPU) for the default measure layers, in eval mode, exact (the product's
+    :func:`~trainables.hessian.sample_curvatures`), computed on the model's device."""
+    from trainables.hessian import sample_curvatures
     from trainables.measures import per_sample_ce
 
-    names = resolve_names(model, None)
-    layers = _Layers(model, names, reference)
-    device = next(model.parameters()).device
-    out = []
-    with evaluation_mode(model), torch.no_grad():
-        plan = None
-        for xb, yb in zip(x.split(batch), y.split(batch), strict=True):
-            xb, yb = xb.to(device), yb.to(device)
-            plan = plan or _make_plan(layers, xb, "auto")
-            out.append(_batch_curvatures(layers, plan, per_sample_ce, xb, yb).to("cpu", torch.float64))
-    return names, torch.cat(out, dim=1)
+    batches = zip(x.split(batch), y.split(batch), strict=True)
+    return sample_curvatures(model, per_sample_ce, batches, reference)
 
 
 def _measure_stats(q: Any, n: int, noisy: Any) -> dict[str, float]:
@@ -213,7 +201,7 @@ def record_run(
 
     from trainables.config import RunConfig
     from trainables.loop import DivergedError, fine_tune, resolve_device
-    from trainables.measures import _subset
+    from trainables.measures import measure_subset
     from trainables.models import create_model
     from trainables.transition import run_transition
 
@@ -251,7 +239,7 @@ def record_run(
         base["f_error"] = math.nan if run_f.f_error is None else run_f.f_error
         base.update({f"trueF_{k}": v for k, v in _noise_constants(true_f, data.num_classes).items()})
     # the measure sample set S: the training set capped at measure.samples (seeded), as in the product
-    subset = _subset(len(data.train), cfg.measure.samples, cfg.seed)
+    subset = measure_subset(len(data.train), cfg.measure.samples, cfg.seed)
     rows, raws = [], {}
     tic = time.perf_counter()
     try:

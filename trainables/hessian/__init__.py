@@ -11,9 +11,11 @@ Public contract::
 are ``model.named_parameters()`` names. Everything runs in eval mode, restores every module's
 mode, and leaves parameters (values, ``requires_grad``, ``.grad``) untouched. Beyond the
 contract, ``hessian_trace`` takes ``params`` and ``probes_per_batch`` (default 4: Hutchinson
-products per batch from one retained graph; 1 is one fresh batch per product).
+products per batch from one retained graph; 1 is one fresh batch per product), and
+``batch_hvp``/``batch_hvps`` are the Hessian–vector products on one batch they are built on.
 """
 
+from trainables.hessian._derivatives import batch_hvp, batch_hvps
 from trainables.hessian.curvature import (
     LayerCurvatures,
     hessian_distance,
@@ -28,6 +30,8 @@ from trainables.hessian.trace import TraceEstimate, hessian_trace, hessian_trace
 __all__ = [
     "LayerCurvatures",
     "TraceEstimate",
+    "batch_hvp",
+    "batch_hvps",
     "hessian_distance",
     "hessian_trace",
     "hessian_trace_per_layer",
