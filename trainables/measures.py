@@ -23,7 +23,7 @@ from trainables.config import RunConfig
 from trainables.data import TaskData
 from trainables.loop import predict
 
-__all__ = ["bound_terms", "measure_model", "measure_subset", "per_sample_ce"]
+__all__ = ["bound_metrics", "bound_terms", "measure_model", "measure_subset", "per_sample_ce"]
 
 
 def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,19 @@ def bound_terms(
     cap = loss_bound if loss_bound is not None else 2.0 * math.log(k)
     ce = per_sample_ce(logits.double(), labels).clamp(max=cap)
     return float(ce.mean()), cap, "trunc"
+
+
+def bound_metrics(
+    measure: float, logits: torch.Tensor, labels: torch.Tensor, transition: np.ndarray | None, loss_bound: float | None
+) -> dict[str, float]:
+    """B = L̂ + √C·M and its parts as logged: ``bound``, ``bound_loss``, ``bound_C``, ``bound_fwd``."""
+    loss_hat, c, kind = bound_terms(logits, labels, transition, loss_bound)
+    return {
+        "bound": loss_hat + math.sqrt(c) * measure,
+        "bound_loss": loss_hat,
+        "bound_C": c,
+        "bound_fwd": 1.0 if kind == "fwd" else 0.0,
+    }
 
 
 def measure_subset(n: int, cap: int, seed: int) -> torch.Tensor:
@@ -86,15 +99,7 @@ def measure_model(
         "measure_s": time.perf_counter() - tic,
     }
     out.update({f"h/{name}": value for name, value in h_max.items()})
-    loss_hat, c, kind = bound_terms(predict(model, train.x), train.labels, transition, mc.loss_bound)
-    out.update(
-        {
-            "bound": loss_hat + math.sqrt(c) * out["measure"],
-            "bound_loss": loss_hat,
-            "bound_C": c,
-            "bound_fwd": 1.0 if kind == "fwd" else 0.0,
-        }
-    )
+    out.update(bound_metrics(out["measure"], predict(model, train.x), train.labels, transition, mc.loss_bound))
     gen = torch.Generator().manual_seed(cfg.seed)
     # HVPs keep a double-backward graph per batch: at the training batch size their memory stays
     # within a few training steps (benchmarks/hessian_memory.py)

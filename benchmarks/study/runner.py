@@ -126,14 +126,10 @@ def _bits(correct: Any) -> str:
 def _f_columns(measure: float, logits: dict[str, Any], data: Any, transition: np.ndarray | None) -> dict[str, Any]:
     """Every column that reads the noise matrix F: B and its parts, B's loss on the test and
     validation labels, the consistent loss, and the F-corrected validation accuracy."""
-    from trainables.measures import bound_terms
+    from trainables.measures import bound_metrics, bound_terms
 
-    loss_hat, c, kind = bound_terms(logits["train"], data.train.labels, transition, None)
     row: dict[str, Any] = {
-        "bound": loss_hat + math.sqrt(c) * measure,
-        "bound_loss": loss_hat,
-        "bound_C": c,
-        "bound_fwd": 1.0 if kind == "fwd" else 0.0,
+        **bound_metrics(measure, logits["train"], data.train.labels, transition, None),
         "test_bound_loss_noisy": bound_terms(logits["test"], data.test_noisy, transition, None)[0],
         "test_bound_loss_clean": bound_terms(logits["test"], data.test.clean, transition, None)[0],
         "train_cons": _consistent_loss(logits["train"], data.train.labels, transition, 2 * math.log(data.num_classes)),
