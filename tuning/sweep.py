@@ -25,7 +25,7 @@ from tuning.tracking import ensure_parent_run, validate_tracking_uri
 __all__ = ["SweepError", "SweepOptions", "SweepPaths", "load_sweep", "run_sweep"]
 
 META_FILE = "hesstune_sweep.json"
-DIAGNOSTICS_EVERY = 8
+DIAGNOSTICS_EVERY = 12
 
 
 class SweepError(HesstuneError):
