@@ -55,6 +55,7 @@ from trainables.config import RunConfig
 from trainables.data import TaskData, load_task
 from trainables.loop import fine_tune
 from trainables.models import ensure_source_model
+from trainables.regularizers import enabled_regularizers
 from tuning.sweep import DIAGNOSTICS_EVERY
 
 FASHION = {
@@ -149,7 +150,7 @@ def run_regime(name: str, count: int, epochs: int, threads: int) -> list[dict[st
     for i, cfg in enumerate(configurations(base, count)):
         row = profile(cfg, data)
         rows.append(row)
-        on = [n for n in ("constraint", "self_label", "consistent", "nso", "sam") if getattr(cfg, n).enabled]
+        on = enabled_regularizers(cfg)
         shares = "  ".join(f"{p} {row[p]:6.2f}" for p in PHASES)
         print(
             f"{name} trial {i}: {row['wall']:7.2f} s  {shares}  hessian {hessian_share([row]):.3f}  "

@@ -288,8 +288,8 @@ def evaluate(run: Run, records: dict[str, str] | None = None) -> dict[str, float
     test_logits = predict(model, data.test.x)
     m["test_loss"], m["test_acc"] = _split_metrics(test_logits, data.test.clean)
     m["test_loss_noisy"], m["test_acc_noisy"] = _split_metrics(test_logits, data.test_noisy)
-    consistent = any(r.name == "consistent" for r in run.regs)
-    m["gap"] = (m["test_loss"] if consistent else m["test_loss_noisy"]) - m["train_loss"]
+    clean = any(r.targets_clean_labels for r in run.regs)
+    m["gap"] = (m["test_loss"] if clean else m["test_loss_noisy"]) - m["train_loss"]
     m["gap_clean"] = m["test_loss"] - m["train_loss"]
     m["acc_gap"] = m["train_acc"] - m["test_acc_noisy"]
     return m

@@ -136,7 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _enabled(cfg: RunConfig) -> str:
-    return ", ".join(n for n in ("constraint", "self_label", "consistent", "nso", "sam") if getattr(cfg, n).enabled)
+    from trainables.regularizers import enabled_regularizers
+
+    return ", ".join(enabled_regularizers(cfg))
 
 
 FINAL_KEYS = (

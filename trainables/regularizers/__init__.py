@@ -17,7 +17,7 @@ from trainables.regularizers.nso import NSO
 from trainables.regularizers.sam import SAM
 from trainables.regularizers.self_label import SelfLabeling
 
-__all__ = ["REGISTRY", "Closure", "Regularizer", "RunContext", "build_regularizers"]
+__all__ = ["REGISTRY", "Closure", "Regularizer", "RunContext", "build_regularizers", "enabled_regularizers"]
 
 REGISTRY: dict[str, Callable[[Any], Regularizer]] = {
     "constraint": DistanceConstraint,
@@ -30,4 +30,9 @@ REGISTRY: dict[str, Callable[[Any], Regularizer]] = {
 
 def build_regularizers(cfg: RunConfig) -> list[Regularizer]:
     """Instances for every enabled regularizer section, in registry order."""
-    return [factory(getattr(cfg, name)) for name, factory in REGISTRY.items() if getattr(cfg, name).enabled]
+    return [REGISTRY[name](getattr(cfg, name)) for name in enabled_regularizers(cfg)]
+
+
+def enabled_regularizers(cfg: RunConfig) -> list[str]:
+    """The names of the regularizer sections ``cfg`` enables, in registry order."""
+    return [name for name in REGISTRY if getattr(cfg, name).enabled]

@@ -61,6 +61,9 @@ class Regularizer:
 
     name: ClassVar[str] = ""
     changes_gradient: ClassVar[bool] = False
+    # its training loss targets the clean labels (the consistent loss): the true gap is then
+    # measured against the clean test labels, not a noisy copy
+    targets_clean_labels: ClassVar[bool] = False
 
     def setup(self, ctx: RunContext) -> None:
         self.ctx = ctx

@@ -40,6 +40,7 @@ def checked_inverse(matrix: np.ndarray, log: object = None) -> np.ndarray:
 
 class ConsistentLoss(Regularizer):
     name = "consistent"
+    targets_clean_labels = True
 
     def __init__(self, cfg: ConsistentConfig) -> None:
         self.cfg = cfg
