@@ -44,9 +44,9 @@ def measure(name: str, base: RunConfig, trials: int, concurrency: int, out: Path
         seed=0,
     )
     outcome = run_sweep(opts, log=lambda _: None)
-    own = outcome["results"].get_dataframe()["time_total_s"].astype(float)
+    own = outcome.results.get_dataframe()["time_total_s"].astype(float)
     ideal = float(own.sum()) / concurrency
-    wall = float(outcome["wall_s"])
+    wall = outcome.wall_s
     return {
         "trials": trials,
         "wall": wall,

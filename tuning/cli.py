@@ -200,7 +200,7 @@ def _sweep_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tuning.sweep import load_sweep, run_sweep, validate_options
+    from tuning.sweep import load_sweep, run_sweep
 
     if args.resume:
         opts = load_sweep(_output(args), args.resume)
@@ -208,12 +208,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         opts = _sweep_options(args)
         resume = False
-    validate_options(opts, resume=resume)
-    outcome = run_sweep(opts, resume=resume)
+    outcome = run_sweep(opts, resume=resume)  # validates first: bad input starts nothing
     print()
-    _print_report(opts.tracking_uri, outcome["experiment_id"], outcome["parent_run_id"], None)
-    print(f"\nsweep wall time {outcome['wall_s']:.0f} s; {outcome['errors']} trial(s) failed")
-    _where_to_look(opts.tracking_uri, opts.name, outcome["experiment_id"], opts.output)
+    _print_report(opts.tracking_uri, outcome.experiment_id, outcome.parent_run_id, None)
+    print(f"\nsweep wall time {outcome.wall_s:.0f} s; {outcome.errors} trial(s) failed")
+    _where_to_look(opts.tracking_uri, opts.name, outcome.experiment_id, opts.output)
     return 0
 
 

@@ -22,7 +22,7 @@ from trainables.errors import HesstuneError
 from tuning import selection
 from tuning.tracking import ensure_parent_run, validate_tracking_uri
 
-__all__ = ["SweepError", "SweepOptions", "SweepPaths", "load_sweep", "run_sweep"]
+__all__ = ["SweepError", "SweepOptions", "SweepPaths", "SweepResult", "load_sweep", "run_sweep"]
 
 META_FILE = "hesstune_sweep.json"
 DIAGNOSTICS_EVERY = 12
@@ -280,8 +280,21 @@ def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the sweep to completion; returns where its results are."""
+@dataclass(frozen=True)
+class SweepResult:
+    """Where a finished sweep's results are: MLflow ids, Ray's ResultGrid, the paths, its wall time."""
+
+    experiment_id: str
+    parent_run_id: str
+    results: Any  # ray.tune.ResultGrid
+    paths: SweepPaths
+    wall_s: float
+    errors: int  # trials that ended in error
+
+
+def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], None] = print) -> SweepResult:
+    """Validate ``opts`` (:func:`validate_options`, nothing is started before), then run the sweep
+    to completion."""
     from tuning.callbacks import ProgressCallback, TrackingCallback
 
     space = validate_options(opts, resume=resume)
@@ -323,14 +336,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
     # instance of the tracker can close the sweep.
     results = _tuner(opts, space, [tracker, progress], paths).fit()
     tracker.finish(wall_s=time.perf_counter() - tic)
-    return {
-        "experiment_id": exp_id,
-        "parent_run_id": parent_id,
-        "results": results,
-        "paths": paths,
-        "wall_s": time.perf_counter() - tic,
-        "errors": len(results.errors),
-    }
+    return SweepResult(exp_id, parent_id, results, paths, time.perf_counter() - tic, len(results.errors))
 
 
 def _sweep_tags(opts: SweepOptions) -> dict[str, str]:
