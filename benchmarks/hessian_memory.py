@@ -9,7 +9,8 @@ model and the data; its memory is the rise of the process's peak resident set si
 - ``trace``: Hutchinson over S in batches of 32 (the training batch), 4 probes per batch, stopping
   as the product does (``measure.trace_rel_tol``, ``measure.trace_max_probes``);
 - ``lambda_max``: Lanczos over ``measure.eigen_samples`` samples in batches of 32, stopping on its
-  residual as the product does (``measure.eigen_iters``, ``measure.eigen_rel_tol``).
+  residual as the product does (``measure.eigen_iters``, ``measure.eigen_rel_tol``), with the
+  product's basis cap (``trainables.measures.EIGEN_BASIS``).
 
 ``--model`` picks the timm model (default ``test_resnet``, 0.4 M parameters; ``resnet10t``, 4.9 M,
 is the larger one the README's cost table quotes), 3×32×32 inputs either way.
@@ -44,7 +45,9 @@ def _phase(name: str, samples: int, model_name: str, queue: mp.Queue) -> None:
     import torch
     from hessian_cost import make_data, make_model, make_reference, per_sample_cross_entropy
 
-    from trainables.hessian import hessian_trace, layer_curvatures, top_eigenvalue
+    from trainables.hessian import hessian_trace, layer_curvatures
+    from trainables.hessian.eigen import top_eigenvalue_estimate
+    from trainables.measures import EIGEN_BASIS
 
     torch.set_num_threads(1)
     model = make_model(model_name)
@@ -73,12 +76,13 @@ def _phase(name: str, samples: int, model_name: str, queue: mp.Queue) -> None:
             max_probes=DEFAULTS.trace_max_probes,
         )
     else:
-        top_eigenvalue(
+        top_eigenvalue_estimate(
             model.eval(),
             per_sample_cross_entropy,
             step_batches[: DEFAULTS.eigen_samples // 32],
             iters=DEFAULTS.eigen_iters,
             rel_tol=DEFAULTS.eigen_rel_tol,
+            basis_size=EIGEN_BASIS,
         )
     queue.put((_peak_kib() - before) / 1024)
 

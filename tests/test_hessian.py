@@ -477,6 +477,27 @@ def test_early_stopped_top_eigenvalue_matches_dense_in_fewer_iterations() -> Non
         top_eigenvalue(model, cross_entropy, batches, rel_tol=1.0)
 
 
+def test_a_capped_basis_restarts_and_still_finds_the_top_eigenvalue_within_its_residual() -> None:
+    """basis_size bounds the memory: runs that fill it restart from their top Ritz vector. The
+    answer agrees with the dense Hessian within the residual it states, and with the uncapped
+    run; every product counts toward ``iters``."""
+    from trainables.hessian.eigen import top_eigenvalue_estimate
+
+    model, batches = relu_convnet(), image_batches()
+    names = [n for n, _ in model.named_parameters()]
+    exact = float(torch.linalg.eigvalsh(dense_hessian(model.eval(), cross_entropy, batches, names)).max())
+    free = top_eigenvalue_estimate(model, cross_entropy, batches, iters=40, rel_tol=1e-4)
+    capped = top_eigenvalue_estimate(model, cross_entropy, batches, iters=40, rel_tol=1e-4, basis_size=3)
+    assert capped.iterations > 3  # it had to restart
+    assert capped.value <= exact + 1e-9 * abs(exact)  # a Ritz value never exceeds λ_max
+    assert abs(capped.value - exact) <= capped.residual <= 1e-4 * abs(exact)
+    assert abs(capped.value - free.value) <= capped.residual + free.residual
+    short = top_eigenvalue_estimate(model, cross_entropy, batches, iters=7, rel_tol=0.0, basis_size=3)
+    assert short.iterations == 7  # 3 + 3 + 1 products
+    with pytest.raises(ValueError, match="basis_size"):
+        top_eigenvalue_estimate(model, cross_entropy, batches, basis_size=1)
+
+
 def test_top_eigenvalue_is_the_largest_algebraic_one() -> None:
     # H = [[4,3],[3,1]] scaled by −1 (loss −ℓ): eigenvalues 0.854 and −5.854; λ_max is 0.854, not −5.854.
     net = TwoScalarNet()

@@ -23,6 +23,11 @@ from trainables.config import RunConfig
 from trainables.data import TaskData
 from trainables.loop import predict
 
+# Lanczos keeps at most this many parameter-sized vectors, restarting from its top Ritz vector
+# when it fills them: λ_max's memory stays within 3× a training step on a 4.9 M-parameter model
+# (benchmarks/hessian_memory.py --model resnet10t; docs/measures.md §6)
+EIGEN_BASIS = 5
+
 __all__ = ["bound_metrics", "bound_terms", "measure_model", "measure_subset", "per_sample_ce"]
 
 
@@ -116,7 +121,13 @@ def measure_model(
         eig_idx = idx[: mc.eigen_samples]
         eig_batches = _batches(train.x[eig_idx], train.labels[eig_idx], device, size=step)
         eigen = top_eigenvalue_estimate(
-            model, per_sample_ce, eig_batches, iters=mc.eigen_iters, rel_tol=mc.eigen_rel_tol, generator=gen
+            model,
+            per_sample_ce,
+            eig_batches,
+            iters=mc.eigen_iters,
+            rel_tol=mc.eigen_rel_tol,
+            generator=gen,
+            basis_size=EIGEN_BASIS,
         )
         out["lambda_max"], out["lambda_max_residual"] = eigen.value, eigen.residual
         out["lambda_max_iters"] = float(eigen.iterations)

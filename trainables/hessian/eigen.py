@@ -61,11 +61,20 @@ class Lanczos(NamedTuple):
 
     tridiagonal: Tensor
     next_beta: float
+    basis: list[Tensor]  # v_1 … v_k, orthonormal
 
     def top(self) -> tuple[float, float]:
         """(θ, its residual): some eigenvalue of the operator lies within the residual of θ."""
         values, vectors = torch.linalg.eigh(self.tridiagonal)
         return float(values[-1]), self.next_beta * abs(float(vectors[-1, -1]))
+
+    def top_vector(self) -> Tensor:
+        """The top Ritz vector y = Σ_i s_i v_i (unit norm), where a restarted run continues."""
+        s = torch.linalg.eigh(self.tridiagonal).eigenvectors[:, -1]
+        y = torch.zeros_like(self.basis[0])
+        for weight, v in zip(s.tolist(), self.basis, strict=True):
+            y.add_(v, alpha=weight)
+        return y.div_(y.norm())
 
 
 def lanczos_tridiagonal(
@@ -73,7 +82,8 @@ def lanczos_tridiagonal(
 ) -> Lanczos:
     """The k×k tridiagonal Lanczos matrix T_k of a symmetric ``matvec``, from ``start``, and β_{k+1}.
 
-    ``matvec`` returns a new tensor each call (it is updated in place here).
+    ``matvec`` returns a new tensor each call (it is updated in place here); ``start`` is
+    normalised in place and becomes the first basis vector (no copy).
 
     k = min(iters, dimension), or fewer when an invariant subspace is found (β ≈ 0) or, with
     ``rel_tol`` > 0, once the top Ritz pair (θ, y) has converged: ‖H y − θ y‖ = β_{k+1}·|s_k|
@@ -81,7 +91,7 @@ def lanczos_tridiagonal(
     rel_tol·|θ| of θ, and θ's error is of order the residual squared over the spectral gap.
     """
     steps = min(iters, start.numel())
-    basis = [start / start.norm()]  # grows with the steps taken: memory ∝ iterations actually run
+    basis = [start.div_(start.norm())]  # grows with the steps taken: memory ∝ iterations actually run
     alphas: list[float] = []
     betas: list[float] = []
     for step in range(steps):
@@ -93,8 +103,8 @@ def lanczos_tridiagonal(
         beta = float(w.norm())
         scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
         if beta <= 100 * torch.finfo(w.dtype).eps * scale:
-            return Lanczos(_tridiagonal(alphas, betas), 0.0)  # invariant subspace: exact
-        found = Lanczos(_tridiagonal(alphas, betas), beta)
+            return Lanczos(_tridiagonal(alphas, betas), 0.0, basis)  # invariant subspace: exact
+        found = Lanczos(_tridiagonal(alphas, betas), beta, basis)
         if step == steps - 1 or (rel_tol > 0 and _converged(found, rel_tol)):
             return found
         betas.append(beta)
@@ -152,18 +162,37 @@ def top_eigenvalue_estimate(
     generator: torch.Generator | None = None,
     params: Sequence[str] | None = None,
     rel_tol: float = 0.0,
+    basis_size: int | None = None,
 ) -> EigenEstimate:
-    """:func:`top_eigenvalue` with its residual and the Lanczos iterations (HVP passes over ``data``)."""
+    """:func:`top_eigenvalue` with its residual and the Lanczos iterations (HVP passes over ``data``).
+
+    ``basis_size`` caps the Lanczos basis, the measure's memory (one parameter-sized vector per
+    basis vector): a run that fills it restarts from its top Ritz vector, the Krylov space a thick
+    restart keeping one vector would continue in. The Ritz value never decreases over restarts;
+    ``iters`` counts every product. None: no cap (one run of up to ``iters`` steps).
+    """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters={iters!r} must be a positive int (15-30 is typical)")
     if not 0 <= rel_tol < 1:
         raise ValueError(f"rel_tol={rel_tol!r} must be in [0, 1) (0: always run all iters)")
+    if basis_size is not None and (isinstance(basis_size, bool) or not isinstance(basis_size, int) or basis_size < 2):
+        raise ValueError(f"basis_size={basis_size!r} must be an int ≥ 2 (or None: no cap)")
     names = trainable_names(model, params)
     source = BatchSource.of(data, model, reiterable=True)
     rng = default_generator(generator)
     with evaluation_mode(model):
         operator = _MeanHessian(model, loss_fn, source, names)
         start = torch.randn(operator.size, generator=rng, device=rng.device, dtype=torch.float64)
-        lanczos = lanczos_tridiagonal(operator, start.to(operator.device, operator.dtype), iters, rel_tol=rel_tol)
-    value, residual = lanczos.top()
-    return EigenEstimate(value, residual, lanczos.tridiagonal.shape[0])
+        start = start.to(operator.device, operator.dtype)  # the float64 draw is freed here
+        done = 0
+        while True:
+            steps = min(basis_size or iters, iters - done)
+            run = lanczos_tridiagonal(operator, start, steps, rel_tol=rel_tol)
+            del start  # it is the run's first basis vector now
+            done += run.tridiagonal.shape[0]
+            value, residual = run.top()
+            settled = run.next_beta == 0.0 or (rel_tol > 0 and residual <= rel_tol * abs(value))
+            if settled or done >= iters or run.tridiagonal.shape[0] < steps:
+                return EigenEstimate(value, residual, done)
+            start = run.top_vector()
+            del run  # the old basis goes before the next one grows
