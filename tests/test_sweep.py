@@ -16,6 +16,7 @@ import pytest
 from tuning import selection
 
 pytestmark = pytest.mark.slow
+TRAIN_PROMISE = 0.90  # the README: `hesstune train` with no arguments, clean test accuracy
 
 SWEEP = "it4"
 
@@ -225,3 +226,14 @@ def test_report_command(sweep: dict[str, object], cli_env: dict[str, str]) -> No
     proc = hesstune("report", SWEEP, "--output", str(sweep["out"]), "--criterion", "val_acc", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert "Leaderboard by val_acc" in proc.stdout and "regret" in proc.stdout
+
+
+def test_train_with_no_arguments_gives_the_model_the_readme_promises(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """``hesstune train`` alone runs the configuration the methods study recommends
+    (``tuning.cli.RECOMMENDED_TRAIN``: REGSL at lr 1e-4, 30 epochs), not a plain fit that
+    memorises the noisy labels: the README's quick start promises its clean test accuracy."""
+    proc = hesstune("train", "--output", str(tmp_path / "run"), env=cli_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "30 epochs, regularizers: constraint, self_label" in proc.stdout
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
+    assert final["test_acc"] >= TRAIN_PROMISE and final["memorized"] <= 0.10, final
