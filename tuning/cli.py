@@ -363,7 +363,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="injected label noise: none, symmetric:R, pair:R or correlated:R; --set task.noise.reveal=false makes "
         "the run use the noise matrix estimated from the data, as for real noise",
     )
-    p.add_argument("--epochs", type=int, help="training epochs per run (default 10)")
+    p.add_argument("--epochs", type=int, help="training epochs per run (default 10; train without --config: 30)")
     p.add_argument(
         "--seed",
         type=int,
@@ -393,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack trials on one GPU (default 0)"
     )
-    s.add_argument("--scheduler", default="fifo", help="fifo or asha")
+    s.add_argument(
+        "--scheduler", default="fifo", help="fifo (every trial runs all epochs, default) or asha (early stopping)"
+    )
     s.add_argument(
         "--objective",
         default=selection.DEFAULT_CRITERION,
@@ -403,11 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
-    s.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for Ray results and the default MLflow store")
+    s.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        help=f"folder for Ray results and the default MLflow store (default ./{DEFAULT_OUTPUT})",
+    )
     s.add_argument("--name", help="sweep name (= MLflow experiment); default <task>-<space>-<time>")
     s.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: a local Ray")
     s.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
-    s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint")
+    s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint (default 1)")
     s.add_argument(
         "--diagnostics-every",
         type=int,
@@ -423,14 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(cmd, help=helptext)
         p.add_argument("name")
-        p.add_argument("--output", default=DEFAULT_OUTPUT)
-        p.add_argument("--tracking-uri")
+        p.add_argument("--output", default=DEFAULT_OUTPUT, help=f"the sweep's --output (default ./{DEFAULT_OUTPUT})")
+        p.add_argument("--tracking-uri", help="read the runs from this store instead of the sweep's own")
         p.add_argument(
             "--criterion",
             help="ranking criterion (default: val_acc when the trials' noise matrix looks symmetric, else "
             "val_band_bound; bound without a validation split)",
         )
-        p.add_argument("--top", type=int, default=10 if cmd == "report" else 1)
+        top = 10 if cmd == "report" else 1
+        p.add_argument("--top", type=int, default=top, help=f"how many trials (default {top})")
         if cmd == "export":
             p.add_argument("-o", required=True, metavar="DIR", help="folder for 1.yaml, 2.yaml, …")
             p.add_argument("--refit", action="store_true", help="train the chosen configs on train ∪ val")
@@ -446,10 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     v = sub.add_parser("server", help="start an MLflow tracking server (sqlite + artifact root)")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=5000)
-    v.add_argument("--workers", type=int, default=1)
-    v.add_argument("--output", default=DEFAULT_OUTPUT)
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    v.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    v.add_argument(
+        "--output", default=DEFAULT_OUTPUT, help=f"its sqlite store and artifacts (default ./{DEFAULT_OUTPUT})"
+    )
     v.set_defaults(func=cmd_server)
     return parser
 
