@@ -18,11 +18,10 @@ import torch
 
 from trainables.config import RunConfig
 from trainables.loop import fine_tune
+from trainables.metrics import OBJECTIVE_KEY, TRIAL_INDEX_KEY
 
-__all__ = ["OBJECTIVE_KEY", "STATE_FILE", "TrialOutOfMemoryError", "run_trial"]
+__all__ = ["STATE_FILE", "TrialOutOfMemoryError", "run_trial"]
 
-OBJECTIVE_KEY = "objective"
-TRIAL_INDEX_KEY = "_trial_index"  # the trial's number, from the sweep's searcher (tuning.search)
 STATE_FILE = "state.pt"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from trainables.trainable import TRIAL_INDEX_KEY
+from trainables.metrics import RAY_KEYS, TAG_RESULTS, TEXT_RESULTS, TRIAL_INDEX_KEY
 from tuning import selection
 from tuning.tracking import (
     client,
@@ -25,33 +25,9 @@ from tuning.tracking import (
 
 __all__ = ["ProgressCallback", "TrackingCallback"]
 
-# Ray's bookkeeping keys are not trial metrics.
-_RAY_KEYS = {
-    "timestamp",
-    "done",
-    "training_iteration",
-    "trial_id",
-    "date",
-    "pid",
-    "hostname",
-    "node_ip",
-    "time_since_restore",
-    "iterations_since_restore",
-    "time_this_iter_s",
-    "checkpoint_dir_name",
-    "should_checkpoint",
-    "config",
-}
-
-
-# Text a trial reports at its end, stored as tags (tuning.tracking.set_text_tags), and short
-# text stored as one tag ``hesstune.<key>`` (``transition``: which noise matrix F the trial used).
-TEXT_RESULTS = ("val_correct", "val_pred")
-TAG_RESULTS = ("transition",)
-
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in result.items() if k not in _RAY_KEYS and isinstance(v, int | float)}
+    return {k: v for k, v in result.items() if k not in RAY_KEYS and isinstance(v, int | float)}
 
 
 class TrackingCallback(Callback):

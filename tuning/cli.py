@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainables import metrics
 from trainables.config import ConfigError, RunConfig, load_config
 from trainables.errors import HesstuneError
 
@@ -161,33 +162,8 @@ def _enabled(cfg: RunConfig) -> str:
     return ", ".join(enabled_regularizers(cfg))
 
 
-FINAL_KEYS = (
-    "train_loss",
-    "train_acc",
-    "val_acc",
-    "test_loss",
-    "test_acc",
-    "gap",
-    "gap_clean",
-    "memorized",
-    "measure",
-    "bound",
-    "bound_C",
-    "trace",
-    "trace_se",
-    "lambda_max",
-    "lambda_max_residual",
-    "distance",
-    "backward_passes_per_step",
-    "eval_s",
-    "measure_s",
-    "trace_s",
-    "lambda_max_s",
-)
-
-
 def _final_table(m: dict[str, float]) -> str:
-    rows = [f"  {k:<26} {m[k]:.6g}" for k in FINAL_KEYS if k in m]
+    rows = [f"  {k:<26} {m[k]:.6g}" for k in metrics.FINAL if k in m]
     return "final metrics:\n" + "\n".join(rows)
 
 

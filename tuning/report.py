@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from trainables import metrics
 from trainables.config import RunConfig
 from tuning import selection
 from tuning.selection import STRUCTURE_CUT
@@ -65,8 +66,7 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
     return table
 
 
-CORRELATION_MEASURES = ("measure", "bound", "trace", "lambda_max", "distance")
-DIAGNOSTICS = ("trace", "lambda_max")  # measured on every N-th trial of a sweep (--diagnostics-every)
+CORRELATION_MEASURES = metrics.MEASURES
 
 
 def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
@@ -88,7 +88,7 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         "",
     ]
     measured = {m: int(_finite(table[m]).sum()) for m in CORRELATION_MEASURES if m in table}
-    diagnostics = {m: n for m, n in measured.items() if m in DIAGNOSTICS and n < len(table)}
+    diagnostics = {m: n for m, n in measured.items() if m in metrics.DIAGNOSTICS and n < len(table)}
     measures = [m for m, n in measured.items() if n and not (m in diagnostics and n < 3)]
     if measures and "gap" in table:
         corr = selection.correlations(table, measures=tuple(measures), target="gap")

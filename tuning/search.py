@@ -14,7 +14,7 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from trainables.trainable import TRIAL_INDEX_KEY
+from trainables.metrics import TRIAL_INDEX_KEY
 
 __all__ = ["FidelityAwareOptunaSearch"]
 

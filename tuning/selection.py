@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from trainables import metrics
 from trainables.errors import HesstuneError
 from trainables.records import correctness_from_text, labels_from_text
 
@@ -78,27 +79,12 @@ Direction: TypeAlias = Literal["min", "max"]
 TrialTable: TypeAlias = pd.DataFrame | Iterable[Mapping[str, Any]]
 """A DataFrame or an iterable of per-trial mappings (see the module docstring)."""
 
-METRICS: tuple[str, ...] = (
-    "train_loss",
-    "train_acc",
-    "val_acc",
-    "val_loss",
-    "test_loss",
-    "test_acc",
-    "gap",
-    "gap_clean",
-    "measure",
-    "measure_mean",
-    "bound",
-    "trace",
-    "lambda_max",
-    "distance",
-)
+METRICS: tuple[str, ...] = metrics.TRIAL_METRICS
 """Metric names a trial record may carry; absent ones are read as NaN."""
 
 DEFAULT_CRITERION = "bound"
-SUMMARY_MEASURES: tuple[str, ...] = ("measure", "bound", "trace", "lambda_max", "distance")
-SUMMARY_TARGETS: tuple[str, ...] = ("gap", "gap_clean")
+SUMMARY_MEASURES: tuple[str, ...] = metrics.MEASURES
+SUMMARY_TARGETS: tuple[str, ...] = metrics.GAP_TARGETS
 SUMMARY_CRITERIA: tuple[str, ...] = ("bound", "measure", "val_acc", "val_loss")
 _ORACLE_METRIC = "test_acc"
 _KEY_COLUMNS: tuple[str, ...] = ("bound", "measure", "val_acc", "test_acc", "gap", "train_acc")

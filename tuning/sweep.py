@@ -19,6 +19,7 @@ from typing import Any
 from search_spaces import SearchSpace, load_space
 from trainables.config import RunConfig
 from trainables.errors import HesstuneError
+from trainables.metrics import OBJECTIVE_KEY
 from tuning import selection
 from tuning.tracking import ensure_parent_run, validate_tracking_uri
 
@@ -211,7 +212,7 @@ def _searcher(space: SearchSpace, opts: SweepOptions, mode: str) -> Any:
 
     return FidelityAwareOptunaSearch(
         space=space.bind(opts.base),
-        metric="objective",
+        metric=OBJECTIVE_KEY,
         mode=mode,
         seed=opts.seed,
         max_epochs=space.epochs_for(opts.base),
@@ -257,7 +258,7 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
     tune_config = tune.TuneConfig(
         search_alg=_searcher(space, opts, mode),
         scheduler=_scheduler(opts, epochs),
-        metric="objective",
+        metric=OBJECTIVE_KEY,
         mode=mode,
         num_samples=opts.trials,
         max_concurrent_trials=opts.concurrency or None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from trainables import metrics
 from trainables.errors import HesstuneError
 
 __all__ = [
@@ -38,10 +39,7 @@ SWEEP_TAG = "hesstune.sweep"
 # bare names and everything else it reports goes under DETAIL_PREFIX ("xtra/" sorts after
 # "val_loss"), so measure, bound, gap and the accuracies are listed together at the top; they are
 # also logged first, which is the metric MLflow's parallel-coordinates plot opens with.
-HEADLINE_METRICS = (
-    "bound", "measure", "gap", "val_acc", "test_acc", "train_acc", "val_loss", "train_loss", "distance", "trace",
-    "lambda_max", "val_acc_corr",
-)  # fmt: skip
+HEADLINE_METRICS = metrics.HEADLINE
 DETAIL_PREFIX = "xtra/"
 TRIAL_TAG = "hesstune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
