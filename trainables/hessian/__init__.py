@@ -24,10 +24,12 @@ from trainables.hessian.curvature import (
     sample_curvatures,
 )
 from trainables.hessian.eigen import top_eigenvalue
+from trainables.hessian.operator import HessianOperator
 from trainables.hessian.reference import reference_layer_curvatures
 from trainables.hessian.trace import TraceEstimate, hessian_trace, hessian_trace_per_layer
 
 __all__ = [
+    "HessianOperator",
     "LayerCurvatures",
     "TraceEstimate",
     "batch_hvp",

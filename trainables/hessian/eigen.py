@@ -19,40 +19,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from trainables.hessian._derivatives import batch_hvp
 from trainables.hessian._model import Batch, BatchSource, LossFn, evaluation_mode, trainable_names
+from trainables.hessian.operator import HessianOperator
 from trainables.hessian.trace import default_generator
 
 __all__ = ["EigenEstimate", "Lanczos", "lanczos_tridiagonal", "top_eigenvalue", "top_eigenvalue_estimate"]
-
-
-class _MeanHessian:
-    """Matvecs with H̄ on flat vectors, over every batch of ``source``."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, source: BatchSource, names: Sequence[str]) -> None:
-        params = dict(model.named_parameters())
-        self.model, self.loss_fn, self.source = model, loss_fn, source
-        self.leaves = {name: params[name].detach().requires_grad_(True) for name in names}
-        self.shapes = [leaf.shape for leaf in self.leaves.values()]
-        self.size = sum(leaf.numel() for leaf in self.leaves.values())
-        first = next(iter(self.leaves.values()))
-        self.device, self.dtype = first.device, first.dtype
-
-    def __call__(self, flat: Tensor) -> Tensor:
-        pieces = [
-            piece.view(shape)
-            for piece, shape in zip(flat.split([s.numel() for s in self.shapes]), self.shapes, strict=True)
-        ]
-        total = torch.zeros_like(flat)  # a new vector per call: Lanczos owns it
-        parts = total.split([s.numel() for s in self.shapes])
-        count = 0
-        for x, y in self.source:
-            product = batch_hvp(self.model, self.loss_fn, self.leaves, pieces, x, y)
-            for part, piece in zip(parts, product, strict=True):
-                part.add_(piece.reshape(-1), alpha=x.shape[0])  # in place: no flat copy per batch
-            del product
-            count += x.shape[0]
-        return total.div_(count)
 
 
 class Lanczos(NamedTuple):
@@ -181,13 +152,13 @@ def top_eigenvalue_estimate(
     source = BatchSource.of(data, model, reiterable=True)
     rng = default_generator(generator)
     with evaluation_mode(model):
-        operator = _MeanHessian(model, loss_fn, source, names)
+        operator = HessianOperator(model, loss_fn, names)
         start = torch.randn(operator.size, generator=rng, device=rng.device, dtype=torch.float64)
         start = start.to(operator.device, operator.dtype)  # the float64 draw is freed here
         done = 0
         while True:
             steps = min(basis_size or iters, iters - done)
-            run = lanczos_tridiagonal(operator, start, steps, rel_tol=rel_tol)
+            run = lanczos_tridiagonal(lambda v: operator.mean_product(v, source), start, steps, rel_tol=rel_tol)
             del start  # it is the run's first basis vector now
             done += run.tridiagonal.shape[0]
             value, residual = run.top()

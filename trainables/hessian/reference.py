@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from trainables.hessian._derivatives import batch_hvp
 from trainables.hessian._model import (
     Batch,
     BatchSource,
@@ -24,6 +23,7 @@ from trainables.hessian._model import (
     evaluation_mode,
     resolve_names,
 )
+from trainables.hessian.operator import HessianOperator
 
 __all__ = ["reference_layer_curvatures"]
 
@@ -47,12 +47,11 @@ def reference_layer_curvatures(
         raise ValueError(f"batch_size={batch_size!r} must be a positive int or None")
     names = resolve_names(model, layers)
     vector = directions(model, names, reference)
-    params = dict(model.named_parameters())
     peaks: dict[str, float] = {}
     with evaluation_mode(model):
-        leaves = {name: params[name].detach().requires_grad_(True) for name in names}
+        operator = HessianOperator(model, loss_fn, names)
         for x, y in _chunks(BatchSource.of(data, model, reiterable=False), batch_size):
-            product = batch_hvp(model, loss_fn, leaves, list(vector.values()), x, y)
+            product = operator.batch_product(list(vector.values()), x, y)
             for name, hv in zip(names, product, strict=True):
                 value = float((vector[name] * hv).sum())
                 peaks[name] = max(peaks.get(name, value), value)

@@ -8,7 +8,7 @@ weight of their samples. The probes of a round share their batch, so the rounds,
 are the independent samples the standard error is computed from. Sampling stops on that standard
 error (not PyHessian's relative-change rule, docs/measures.md §5). The same products give
 unbiased per-parameter traces z_iᵀ(H z)_i, since cross-block terms have zero mean. HVPs by double
-backward; the probes of a round reuse one graph (:func:`batch_hvps`), which makes
+backward (:class:`~trainables.hessian.operator.HessianOperator`); the probes of a round reuse one graph, which makes
 a product about 2.2× a gradient instead of 3.0–3.2× on ``test_resnet`` (``benchmarks/hessian_cost.py``),
 and are drawn one at a time, so a round holds one probe and one product, whatever its size.
 """
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trainables.hessian._derivatives import batch_hvps
 from trainables.hessian._model import Batch, BatchSource, LossFn, evaluation_mode, trainable_names
+from trainables.hessian.operator import HessianOperator
 
 __all__ = ["TraceEstimate", "hessian_trace", "hessian_trace_per_layer", "rademacher"]
 
@@ -117,11 +117,12 @@ def hessian_trace_per_layer(
     weights: list[float] = []
     products = 0
     with evaluation_mode(model):
-        leaves = _leaves(model, names)
+        operator = HessianOperator(model, loss_fn, names)
+        leaves = list(operator.leaves.values())
         for x, y in _cycle(source):
             count = min(probes_per_batch, max_probes - products)
-            probes = ([rademacher(leaf.shape, rng, leaf) for leaf in leaves.values()] for _ in range(count))
-            per_probe = batch_hvps(model, loss_fn, leaves, probes, x, y, reduce=_per_parameter_quadratic_forms)
+            probes = ([rademacher(leaf.shape, rng, leaf) for leaf in leaves] for _ in range(count))
+            per_probe = operator.batch_products(probes, x, y, reduce=_per_parameter_quadratic_forms)
             samples.append(torch.stack(per_probe).mean(0).to("cpu", torch.float64))
             totals.append(float(samples[-1].sum()))
             weights.append(float(x.shape[0]))
@@ -134,11 +135,6 @@ def hessian_trace_per_layer(
 def _per_parameter_quadratic_forms(probe: Sequence[Tensor], product: list[Tensor]) -> Tensor:
     """[z_iᵀ (H z)_i per parameter tensor i]: all a probe leaves behind (its vectors are freed)."""
     return torch.stack([(z * h).sum() for z, h in zip(probe, product, strict=True)])
-
-
-def _leaves(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().requires_grad_(True) for name in names}
 
 
 def _cycle(source: BatchSource) -> Iterator[Batch]:
