@@ -140,7 +140,7 @@ def checkpoints_of(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def check_device(device: str) -> None:
-    from trainables.loop import resolve_device
+    from trainables.models import resolve_device
 
     if device == "auto":
         raise RecipeError("--device auto is ambiguous for a recipe: say cuda or cpu")

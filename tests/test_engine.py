@@ -262,7 +262,7 @@ def test_metrics_use_clean_test_labels_and_noisy_val_labels(task: TaskData) -> N
     m = result.metrics
 
     def acc(x: torch.Tensor, labels: torch.Tensor) -> float:
-        return float((loop.predict(model, x).argmax(1) == labels).float().mean())
+        return float((models.predict(model, x).argmax(1) == labels).float().mean())
 
     assert m["test_acc"] == pytest.approx(acc(task.test.x, task.test.clean))
     assert m["test_acc_noisy"] == pytest.approx(acc(task.test.x, task.test_noisy))
@@ -271,7 +271,7 @@ def test_metrics_use_clean_test_labels_and_noisy_val_labels(task: TaskData) -> N
     assert m["gap"] == pytest.approx(m["test_loss_noisy"] - m["train_loss"])
     assert m["gap_clean"] == pytest.approx(m["test_loss"] - m["train_loss"])
     assert task.transition is not None  # the fixture's task is noisy
-    pred = loop.predict(model, task.val.x).argmax(1).numpy()
+    pred = models.predict(model, task.val.x).argmax(1).numpy()
     corrected = np.linalg.inv(task.transition)[task.val.labels.numpy(), pred].mean()
     assert m["val_acc_corr"] == pytest.approx(corrected)
     assert m["n_val"] == len(task.val) and m["n_train"] == len(task.train)
@@ -369,11 +369,11 @@ def test_the_final_epoch_records_which_validation_samples_the_model_gets_right(t
     model = create_model(ModelConfig("test_resnet", "none"), K)
     model.load_state_dict(results[-1].state()["model"])
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(results[-1].records["val_correct"]), dtype=np.uint8))
-    correct = (loop.predict(model, task.val.x).argmax(1) == task.val.labels).numpy()
+    correct = (models.predict(model, task.val.x).argmax(1) == task.val.labels).numpy()
     np.testing.assert_array_equal(bits[: len(task.val)].astype(bool), correct)
     assert correct.mean() == pytest.approx(results[-1].metrics["val_acc"])
     predicted = [int(c) for c in results[-1].records["val_pred"]]  # one digit per sample (K ≤ 10)
-    np.testing.assert_array_equal(predicted, loop.predict(model, task.val.x).argmax(1).numpy())
+    np.testing.assert_array_equal(predicted, models.predict(model, task.val.x).argmax(1).numpy())
 
 
 def test_evaluating_only_some_epochs_trains_the_same_model(task: TaskData) -> None:

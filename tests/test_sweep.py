@@ -208,7 +208,7 @@ def _exported_weights_reproduce_the_trial(folder: Path, chosen: pd.Series) -> No
 
     from trainables.config import load_config
     from trainables.data import load_task
-    from trainables.loop import predict
+    from trainables.models import predict
 
     card = json.loads((folder / "1.card.json").read_text())
     assert card["trial_id"] == chosen["tags.hesstune.trial_id"] and card["criterion"] == "val_band_bound"

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.config import ConfigError, RunConfig
+from trainables.config import RunConfig
 from trainables.data import TaskData, load_task
-from trainables.models import create_model, head_name, layer_groups
+from trainables.models import create_model, head_name, layer_groups, predict, resolve_device
 from trainables.noise import (
     corrected_accuracy,
     correction_is_stable,
@@ -38,9 +38,7 @@ __all__ = [
     "EpochResult",
     "Run",
     "fine_tune",
-    "predict",
     "prepare",
-    "resolve_device",
     "train_step",
     "train_to_end",
 ]
@@ -57,26 +55,6 @@ class EpochResult:
     final: bool
     state: Callable[[], dict[str, Any]] = field(repr=False)
     records: dict[str, str] = field(default_factory=dict)  # text results at the end (trainables.records)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available: use device=cpu or auto")
-    return torch.device(name)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-    """Logits in eval mode (BatchNorm running stats); the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        return torch.cat([model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)])
-    finally:
-        model.train(was_training)
 
 
 @dataclass

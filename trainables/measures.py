@@ -21,7 +21,7 @@ from torch import nn
 
 from trainables.config import RunConfig
 from trainables.data import TaskData
-from trainables.loop import predict
+from trainables.models import predict
 
 # Lanczos keeps at most this many parameter-sized vectors, restarting from its top Ritz vector
 # when it fills them: λ_max's memory stays within 3× a training step on a 4.9 M-parameter model

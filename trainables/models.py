@@ -35,6 +35,8 @@ __all__ = [
     "features",
     "layer_groups",
     "load_weights",
+    "predict",
+    "resolve_device",
     "save_weights",
 ]
 
@@ -310,3 +312,25 @@ def _group_id(name: str, spec: dict[str, object]) -> tuple[int, ...]:
             if match:
                 return (rank, *(int(g) for g in match.groups() if g is not None and g.isdigit()))
     return (len(spec),)
+
+
+# -- running a model -----------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available: use device=cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    """Logits in eval mode (BatchNorm running stats); the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return torch.cat([model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)])
+    finally:
+        model.train(was_training)

@@ -155,7 +155,7 @@ def _checkpoint_row(
     gives the same columns prefixed ``trueF_`` for evaluation."""
     import torch.nn.functional as F
 
-    from trainables.loop import predict
+    from trainables.models import predict
 
     tic = time.perf_counter()
     k = data.num_classes
@@ -196,9 +196,9 @@ def record_run(
     import torch
 
     from trainables.config import RunConfig
-    from trainables.loop import DivergedError, fine_tune, resolve_device
+    from trainables.loop import DivergedError, fine_tune
     from trainables.measures import measure_subset
-    from trainables.models import create_model
+    from trainables.models import create_model, resolve_device
     from trainables.transition import run_transition
 
     sampled = sample_config(job.seed, job.run)
