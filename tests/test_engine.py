@@ -170,6 +170,22 @@ def test_layer_groups_are_depth_ordered_weights() -> None:
     assert all(n.endswith("weight") and "bn" not in n for n in names)
 
 
+def test_every_classifier_head_is_a_head_and_timm_orders_the_groups() -> None:
+    """A distilled transformer has two heads (``head``, ``head_dist``): both are constrained as
+    heads, trained at the head's lr, and skipped when a backbone is loaded. timm's grouping puts
+    EfficientNet's ``conv_head`` (the last conv) in the deepest group, not after the stem."""
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=K, pretrained=False, img_size=32)
+    assert models.head_names(deit) == ("head", "head_dist")
+    groups = layer_groups(deit)
+    assert groups.head == ("head.weight", "head_dist.weight")
+    assert not any(n.startswith("head") for g in groups.groups for n in g)
+    cfg = RunConfig().replace(**{"optim.head_lr_mult": 10.0})
+    fast = loop._optimizer(cfg, deit).param_groups[1]["params"]
+    assert {id(p) for p in fast} == {id(p) for n, p in deit.named_parameters() if n.startswith("head")}
+    effnet = layer_groups(timm.create_model("efficientnet_b0", num_classes=K, pretrained=False))
+    assert effnet.groups[0] == ("conv_stem.weight",) and effnet.groups[-1][-1] == "conv_head.weight"
+
+
 # -- the loop ----------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from trainables.config import RunConfig
 from trainables.data import TaskData, load_task
-from trainables.models import create_model, head_name, layer_groups, predict, resolve_device
+from trainables.models import create_model, head_names, in_head, layer_groups, predict, resolve_device
 from trainables.noise import (
     corrected_accuracy,
     correction_is_stable,
@@ -81,10 +81,10 @@ def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params: list[Any] = [p for _, p in named]
     if o.head_lr_mult != 1:  # two parameter groups: the body at lr, the head (weights and bias) faster
-        head = head_name(model) + "."
+        heads = head_names(model)
         params = [
-            {"params": [p for n, p in named if not n.startswith(head)]},
-            {"params": [p for n, p in named if n.startswith(head)], "lr": o.lr * o.head_lr_mult},
+            {"params": [p for n, p in named if not in_head(n, heads)]},
+            {"params": [p for n, p in named if in_head(n, heads)], "lr": o.lr * o.head_lr_mult},
         ]
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ __all__ = [
     "create_model",
     "ensure_source_model",
     "features",
+    "head_names",
+    "in_head",
     "layer_groups",
     "load_weights",
     "predict",
@@ -129,22 +130,28 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_backbone(model: nn.Module, path: Path) -> None:
     """Load every weight except the classifier head; shapes must match the architecture."""
     state = load_weights(path)
-    head = head_name(model)
+    heads = head_names(model)
     own = model.state_dict()
-    body = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    body = {k: v for k, v in state.items() if not in_head(k, heads)}
     wrong = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if not k.startswith(head + ".") and k not in body]
+    missing = [k for k in own if not in_head(k, heads) and k not in body]
     if wrong or missing:
         what = f"shape mismatch at {wrong[0]}" if wrong else f"missing {missing[0]}"
         raise ConfigError(f"weights in {str(path)!r} do not fit this model ({what}): check model.name")
     model.load_state_dict(body, strict=False)
 
 
-def head_name(model: nn.Module) -> str:
-    """Module name of the classifier head (timm's ``classifier`` entry, e.g. ``fc`` or ``head.fc``)."""
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """Module names of the classifier heads: timm's ``classifier`` entry (``fc``, ``head.fc``, or
+    several, e.g. ``("head", "head_dist")`` for distilled transformers); ``fc`` when it has none."""
     cfg = getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", {}) or {}
     head = cfg.get("classifier", "fc")
-    return head[0] if isinstance(head, list | tuple) else str(head)
+    return tuple(str(h) for h in head) if isinstance(head, list | tuple) else (str(head),)
+
+
+def in_head(name: str, heads: tuple[str, ...]) -> bool:
+    """Whether the parameter or state-dict key ``name`` belongs to one of the ``heads``."""
+    return any(name.startswith(head + ".") for head in heads)
 
 
 # -- the source model --------------------------------------------------------------------------------
@@ -285,33 +292,25 @@ class LayerGroups:
 
 
 def layer_groups(model: nn.Module) -> LayerGroups:
-    """Depth-ordered groups of conv/linear weights from timm's coarse ``group_matcher``.
+    """Depth-ordered groups of conv/linear weights: timm's ``group_parameters`` under the model's
+    coarse ``group_matcher`` (stem, then one group per stage), the heads apart.
 
-    Biases and normalisation parameters are not constrained (docs/measures.md §1), so only weight tensors
-    of ≥ 2 dimensions are listed. Models without a matcher form one body group.
+    Biases and normalisation parameters are not constrained (docs/measures.md §1), so only weight
+    tensors of ≥ 2 dimensions are listed. Models without a matcher form one body group.
     """
-    head = head_name(model)
+    heads = head_names(model)
     weights = [n for n, p in model.named_parameters() if p.ndim >= 2]
-    head_weights = tuple(n for n in weights if n.startswith(head + "."))
+    head_weights = tuple(n for n in weights if in_head(n, heads))
     body = [n for n in weights if n not in head_weights]
     matcher = getattr(model, "group_matcher", None)
     if matcher is None:
         return LayerGroups((tuple(body),), head_weights)
-    ids = {n: _group_id(n, matcher(coarse=True)) for n in body}
-    ordered = sorted(set(ids.values()))
-    groups = tuple(tuple(n for n in body if ids[n] == gid) for gid in ordered)
-    return LayerGroups(groups, head_weights)
+    from timm.models import group_parameters
 
-
-def _group_id(name: str, spec: dict[str, object]) -> tuple[int, ...]:
-    """Rank of a parameter under a timm matcher dict: stem first, then block indices."""
-    for rank, pattern in enumerate(spec.values()):
-        for regex in pattern if isinstance(pattern, list | tuple) else [pattern]:
-            regex = regex[0] if isinstance(regex, tuple) else regex
-            match = re.match(str(regex), name)
-            if match:
-                return (rank, *(int(g) for g in match.groups() if g is not None and g.isdigit()))
-    return (len(spec),)
+    grouped = group_parameters(model, matcher(coarse=True))  # group id -> names, in depth order
+    kept = set(body)
+    groups = tuple(tuple(n for n in names if n in kept) for _, names in sorted(grouped.items()))
+    return LayerGroups(tuple(g for g in groups if g), head_weights)
 
 
 # -- running a model -----------------------------------------------------------------------------

@@ -178,12 +178,12 @@ def _estimate(cfg: RunConfig, model: nn.Module, data: TaskData) -> np.ndarray:
 def _estimate_key(cfg: RunConfig, model: nn.Module, data: TaskData) -> str:
     """Task (split and noise draw), estimator and the starting body's weights (not the fresh head,
     which differs per seed and does not enter the features)."""
-    from trainables.models import head_name
+    from trainables.models import head_names, in_head
 
-    head = head_name(model) + "."
+    heads = head_names(model)
     digest = hashlib.sha1(repr((cfg.task, len(data.train))).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(head):
+        if in_head(name, heads):
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -321,9 +321,9 @@ def _head_weight(model_name: str, weights: dict[str, Any]) -> str:
     """Key of the classifier head's weight in the state dict (timm's ``classifier`` entry)."""
     import timm
 
-    from trainables.models import head_name
+    from trainables.models import head_names
 
-    name = head_name(timm.create_model(model_name, pretrained=False, num_classes=2)) + ".weight"
+    name = head_names(timm.create_model(model_name, pretrained=False, num_classes=2))[0] + ".weight"
     return name if name in weights else next(k for k in reversed(list(weights)) if k.endswith(".weight"))
 
 
