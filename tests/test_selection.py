@@ -61,7 +61,9 @@ def test_unknown_criterion_lists_known_names() -> None:
 
 
 def test_register_criterion(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(selection, "_REGISTRY", dict(selection._REGISTRY))
+    from tuning.selection import criteria
+
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
     register_criterion(Criterion("max_train_acc", "train_acc", "max", "highest train accuracy"))
     trials = [{"trial_id": "a", "train_acc": 0.5}, {"trial_id": "b", "train_acc": 0.7}]
     assert select(trials, "max_train_acc") == "b"
