@@ -89,7 +89,7 @@ class SweepPaths:
 
 # Criteria whose metric every trial reports, so Optuna can optimise it (the study's extra
 # criteria are computed after the fact over a whole search; use them with ``report --criterion``).
-SWEEP_OBJECTIVES = ("bound", "measure", "val_acc", "val_loss")
+SWEEP_OBJECTIVES = selection.per_trial_criteria()
 
 
 def objective_metric(objective: str) -> tuple[str, str]:

@@ -20,7 +20,6 @@ METRICS: tuple[str, ...] = metrics.TRIAL_METRICS
 DEFAULT_CRITERION = "bound"
 SUMMARY_MEASURES: tuple[str, ...] = metrics.MEASURES
 SUMMARY_TARGETS: tuple[str, ...] = metrics.GAP_TARGETS
-SUMMARY_CRITERIA: tuple[str, ...] = ("bound", "measure", "val_acc", "val_loss")
 _ORACLE_METRIC = "test_acc"
 _KEY_COLUMNS: tuple[str, ...] = ("bound", "measure", "val_acc", "test_acc", "gap", "train_acc")
 

@@ -28,7 +28,8 @@ class Criterion:
     """How to rank trials: by ``metric`` in ``direction``, then by ``tie_breakers`` in order.
 
     ``evaluation_only`` marks criteria that look at held-out test data (the oracle); :func:`select`
-    refuses them unless explicitly allowed.
+    refuses them unless explicitly allowed. ``per_trial`` marks criteria whose metric every trial
+    reports (:func:`per_trial_criteria`).
     """
 
     name: str
@@ -38,6 +39,9 @@ class Criterion:
     evaluation_only: bool = False
     tie_breakers: tuple[tuple[str, Direction], ...] = ()
     needs: str = ""  # which trials have ``metric``: the error when a table lacks it
+    # every trial reports ``metric`` itself, so Optuna can optimise it (--objective) and each
+    # sweep's summary scores it; False for metrics derived over a whole sweep (or evaluation only)
+    per_trial: bool = False
 
     def __post_init__(self) -> None:
         for metric, direction in ((self.metric, self.direction), *self.tie_breakers):
@@ -78,12 +82,19 @@ def list_criteria() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def per_trial_criteria() -> tuple[str, ...]:
+    """Criteria whose metric every trial reports (search objectives, the sweep summary's scores),
+    in registration order."""
+    return tuple(name for name, c in _REGISTRY.items() if c.per_trial and not c.evaluation_only)
+
+
 for _builtin in (
     Criterion(
         "bound",
         "bound",
         "min",
         "lowest Hessian generalization bound B = train loss + sqrt(C)*M (Ju et al. 2022); needs no validation split",
+        per_trial=True,
     ),
     Criterion(
         "measure",
@@ -92,6 +103,7 @@ for _builtin in (
         "lowest Hessian distance measure M (label-free): M predicts the generalization gap, not accuracy; a "
         "trial that barely moved from the pretrained weights has M near 0 and wins, so rank gaps with it and "
         "pick models with another criterion",
+        per_trial=True,
     ),
     Criterion(
         "val_acc",
@@ -99,8 +111,9 @@ for _builtin in (
         "max",
         "highest noisy-validation accuracy; ties broken by lower val_loss, then lower bound",
         tie_breakers=(("val_loss", "min"), ("bound", "min")),
+        per_trial=True,
     ),
-    Criterion("val_loss", "val_loss", "min", "lowest noisy-validation loss"),
+    Criterion("val_loss", "val_loss", "min", "lowest noisy-validation loss", per_trial=True),
     Criterion(
         "oracle",
         _ORACLE_METRIC,

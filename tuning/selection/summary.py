@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tuning.selection._table import SUMMARY_CRITERIA, SUMMARY_MEASURES, SUMMARY_TARGETS, TrialTable, _frame
-from tuning.selection.criteria import _oracle_best, expected_regret, ranking_agreement, regret
+from tuning.selection._table import SUMMARY_MEASURES, SUMMARY_TARGETS, TrialTable, _frame
+from tuning.selection.criteria import _oracle_best, expected_regret, per_trial_criteria, ranking_agreement, regret
 from tuning.selection.derived import add_selection_metrics
 from tuning.selection.statistics import correlations, partial_kendall
 
@@ -30,7 +30,7 @@ def _correlation_stats(frame: pd.DataFrame) -> dict[str, float]:
 def _selection_stats(frame: pd.DataFrame) -> dict[str, float]:
     """regret_<criterion>, expected_regret_val_acc, agreement_* and oracle_test_acc; with a
     ``n_val`` column also the study's recommended ``val_band_bound``."""
-    criteria = list(SUMMARY_CRITERIA)
+    criteria = list(per_trial_criteria())
     if "n_val" in frame and "val_band_bound" not in frame:
         frame = add_selection_metrics(frame)
     if "val_band_bound" in frame:
@@ -51,7 +51,7 @@ def summary(trials: TrialTable) -> dict[str, float]:
     """Sweep-level statistics for the MLflow parent run; flat str -> float, NaN allowed.
 
     Keys, with m in SUMMARY_MEASURES (measure, bound, trace, lambda_max, distance), t in gap and
-    gap_clean and c in SUMMARY_CRITERIA (bound, measure, val_acc, val_loss):
+    gap_clean and c in the per-trial criteria (bound, measure, val_acc, val_loss):
 
     * ``kendall_<m>_<t>``, ``spearman_<m>_<t>``, ``pearson_<m>_<t>``;
     * ``partial_kendall_<m>_<t>_given_train_loss`` (docs/results.md: the raw gap is largely
