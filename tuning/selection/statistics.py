@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
+from scipy import stats
 
 from tuning.selection._table import SUMMARY_MEASURES, TrialTable, _column, _frame
 
@@ -28,42 +28,36 @@ def _finite_pairs(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kendall_tau(x: Any, y: Any, *, min_pairs: int = 3) -> float:
-    """Kendall's τ_b over the finite pairs (Kendall 1945, tie-corrected).
+    """Kendall's τ_b over the finite pairs (Kendall 1945, tie-corrected; ``scipy.stats.kendalltau``).
 
     τ_b = (n_c − n_d) / sqrt((n_0 − n_x)(n_0 − n_y)), with n_c / n_d the concordant / discordant
-    pairs, n_0 = n(n−1)/2 and n_x, n_y the pairs tied in x, in y. Computed exactly in O(n²) time,
-    O(n) memory. NaN with fewer than ``min_pairs`` finite pairs or when x or y is constant.
+    pairs, n_0 = n(n−1)/2 and n_x, n_y the pairs tied in x, in y. NaN with fewer than
+    ``min_pairs`` finite pairs or when x or y is constant.
     """
     xs, ys = _finite_pairs(x, y)
     if xs.size < max(min_pairs, 2):
         return math.nan
-    signed = untied_x = untied_y = 0.0
-    for i in range(xs.size - 1):
-        dx = np.sign(xs[i + 1 :] - xs[i])
-        dy = np.sign(ys[i + 1 :] - ys[i])
-        signed += float(dx @ dy)
-        untied_x += float(np.abs(dx).sum())
-        untied_y += float(np.abs(dy).sum())
-    denominator = math.sqrt(untied_x * untied_y)
-    return signed / denominator if denominator > 0 else math.nan
+    return _statistic(stats.kendalltau, xs, ys)
 
 
 def pearson_r(x: Any, y: Any) -> float:
-    """Pearson's r = cov(x, y) / (sd(x) sd(y)) over the finite pairs; NaN if < 3 or constant."""
+    """Pearson's r over the finite pairs (``scipy.stats.pearsonr``); NaN if < 3 or constant."""
     xs, ys = _finite_pairs(x, y)
-    if xs.size < 3:
-        return math.nan
-    xc, yc = xs - xs.mean(), ys - ys.mean()
-    denominator = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    return float(xc @ yc) / denominator if denominator > 0 else math.nan
+    return _statistic(stats.pearsonr, xs, ys) if xs.size >= 3 else math.nan
 
 
 def spearman_rho(x: Any, y: Any) -> float:
-    """Spearman's ρ = Pearson's r of the average ranks (ties share their mean rank)."""
+    """Spearman's ρ, Pearson's r of the average ranks (``scipy.stats.spearmanr``); NaN if < 3 or
+    constant."""
     xs, ys = _finite_pairs(x, y)
-    if xs.size < 3:
+    return _statistic(stats.spearmanr, xs, ys) if xs.size >= 3 else math.nan
+
+
+def _statistic(test: Any, xs: np.ndarray, ys: np.ndarray) -> float:
+    """The statistic of a scipy correlation test; NaN (not a warning) when x or y is constant."""
+    if np.ptp(xs) == 0 or np.ptp(ys) == 0:
         return math.nan
-    return pearson_r(rankdata(xs), rankdata(ys))
+    return float(test(xs, ys).statistic)
 
 
 def partial_kendall(x: Any, y: Any, z: Any) -> float:
