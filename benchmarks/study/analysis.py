@@ -443,8 +443,15 @@ def _setting_rank(setting: str) -> int:
 
 
 def _setting_keys(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(setting, size) in table order: settings as designed, ``full`` first, then sizes by their
+    number (f500 before f2000). A total order: the keys come from a set, whose order varies."""
     keys = set(zip(frame["setting"], frame["size"], strict=True))
-    return sorted(keys, key=lambda k: (_setting_rank(k[0]), k[1] != "full"))
+    return sorted(keys, key=lambda k: (_setting_rank(k[0]), k[1] != "full", _size_number(k[1]), k[1]))
+
+
+def _size_number(size: str) -> int:
+    digits = "".join(ch for ch in size if ch.isdigit())
+    return int(digits) if digits else 0
 
 
 def key_regret_markdown(summary: pd.DataFrame, arm: str = "tv", criteria: list[str] = KEY_CRITERIA) -> str:
