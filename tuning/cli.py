@@ -327,17 +327,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         help="digits (built-in), fashion-mnist[:PATH] (default PATH: Debian's dataset-fashion-mnist), mnist:PATH, "
-        "imagefolder:PATH, cifar10:PATH or cifar100:PATH",
+        "imagefolder:PATH, cifar10:PATH or cifar100:PATH (default digits)",
     )
     p.add_argument("--model", help="timm architecture name (default test_resnet)")
     p.add_argument(
         "--pretrained",
-        help="source (pretrained once on the task's source classes, cached), timm (local cache), none, or file:PATH",
+        help="source (pretrained once on the task's source classes, cached; the default), timm (local cache), "
+        "none, or file:PATH",
     )
     p.add_argument(
         "--noise",
-        help="injected label noise: none, symmetric:R, pair:R or correlated:R; --set task.noise.reveal=false makes "
-        "the run use the noise matrix estimated from the data, as for real noise",
+        help="injected label noise: none, symmetric:R, pair:R or correlated:R (default symmetric:0.4); --set "
+        "task.noise.reveal=false makes the run use the noise matrix estimated from the data, as for real noise",
     )
     p.add_argument("--epochs", type=int, help="training epochs per run (default 10; train without --config: 30)")
     p.add_argument(
