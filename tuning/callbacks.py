@@ -44,9 +44,12 @@ class TrackingCallback(Callback):
     :func:`tuning.selection.summary` over all finished trials (step = number finished).
     """
 
-    def __init__(self, uri: str, exp_id: str, parent_id: str, *, sweep: str) -> None:
+    objectives = ""  # for trackers pickled by sweeps of older versions
+
+    def __init__(self, uri: str, exp_id: str, parent_id: str, *, sweep: str, objectives: str = "") -> None:
         self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
         self.sweep = sweep
+        self.objectives = objectives  # the search objective; several (a,b): the parent gets the Pareto front
         self.children: dict[str, str] = {}
         self.logged: dict[str, int] = {}  # trial id -> last epoch in its MLflow run
         self._client: Any = None
@@ -164,7 +167,7 @@ class TrackingCallback(Callback):
             criterion = selection.recommended_criterion(table)
             self.mc.set_tag(self.parent_id, "hesstune.selection", criterion)
             with tempfile.TemporaryDirectory() as folder:
-                write_artifacts(table, Path(folder), criterion=criterion)
+                write_artifacts(table, Path(folder), criterion=criterion, objective=self.objectives)
                 self.mc.log_artifacts(self.parent_id, folder)
         self.mc.set_terminated(self.parent_id, status="FINISHED")
         return stats
@@ -184,12 +187,21 @@ class ProgressCallback(Callback):
     """Prints one line when a trial finishes or fails: ``[3/16] trial … bound 0.91 …``, and
     while trials run, at most every ``heartbeat_s``, which epoch each running trial has reached."""
 
-    epochs_total, heartbeat_s = 0, 60.0  # for callbacks pickled by sweeps of older versions
+    epochs_total, heartbeat_s, offset = 0, 60.0, 0  # for callbacks pickled by sweeps of older versions
 
     def __init__(
-        self, total: int, metric: str, *, epochs: int = 0, heartbeat_s: float = 60.0, log: Callable[[str], None] = print
+        self,
+        total: int,
+        metric: str,
+        *,
+        epochs: int = 0,
+        heartbeat_s: float = 60.0,
+        offset: int = 0,
+        log: Callable[[str], None] = print,
     ) -> None:
-        self.total, self.metric, self.log = total, metric, log
+        """``total`` trials in this Ray run; ``offset`` trials in the sweep's earlier runs (an
+        extension counts on from them)."""
+        self.total, self.metric, self.log, self.offset = total, metric, log, offset
         self.epochs_total, self.heartbeat_s = epochs, heartbeat_s
         self.setup()
 
@@ -208,15 +220,17 @@ class ProgressCallback(Callback):
         of = f"/{self.epochs_total}" if self.epochs_total else ""
         running = [f"{t.trial_id} epoch {self.epoch.get(t.trial_id, 0)}{of}" for t in trials if t.status == "RUNNING"]
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        self._line(f"  running: {', '.join(running)}; {done}/{self.total} done")
+        self._line(f"  running: {', '.join(running)}; {self.offset + done}/{self.offset + self.total} done")
 
     def _line(self, text: str) -> None:
         self.log(f"{text} ({time.time() - self.started:.0f} s elapsed)")
         self.last_line = time.time()
 
-    def _count(self, trials: list[Any], current: Any) -> int:
-        """Trials done, this one included (its status is not final yet when Ray calls us)."""
-        return sum(t is current or t.status in ("TERMINATED", "ERROR") for t in trials)
+    def _count(self, trials: list[Any], current: Any) -> str:
+        """``done/total`` in the sweep, this trial included (its status is not final yet when Ray
+        calls us)."""
+        done = sum(t is current or t.status in ("TERMINATED", "ERROR") for t in trials)
+        return f"{self.offset + done}/{self.offset + self.total}"
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
@@ -226,10 +240,10 @@ class ProgressCallback(Callback):
             if _finite(r.get(k))
         ]
         state = "" if r.get("final") else " (stopped early)"
-        self._line(f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id}{state}: {', '.join(parts)}")
+        self._line(f"[{self._count(trials, trial)}] {trial.trial_id}{state}: {', '.join(parts)}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._line(f"[{self._count(trials, trial)}/{self.total}] {trial.trial_id} FAILED: {_error_text(trial)}")
+        self._line(f"[{self._count(trials, trial)}] {trial.trial_id} FAILED: {_error_text(trial)}")
 
 
 def _finite(x: Any) -> bool:

@@ -169,7 +169,7 @@ def _final_table(m: dict[str, float]) -> str:
 
 # -- sweep ---------------------------------------------------------------------------------------
 def _sweep_options(args: argparse.Namespace) -> Any:
-    from tuning.sweep import SweepOptions
+    from tuning.sweep import DEFAULT_TRIALS, SweepOptions
 
     output = _output(args)
     base = _base_config(args)
@@ -180,7 +180,7 @@ def _sweep_options(args: argparse.Namespace) -> Any:
         name=name,
         space=space,
         base=base,
-        trials=args.trials,
+        trials=DEFAULT_TRIALS if args.trials is None else args.trials,
         concurrency=args.concurrency,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
@@ -192,28 +192,33 @@ def _sweep_options(args: argparse.Namespace) -> Any:
         address=args.address,
         max_failures=args.max_failures,
         diagnostics_every=args.diagnostics_every,
+        optuna_storage=args.optuna_storage or "",
+        warm_start=args.warm_start or "",
     )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tuning.sweep import load_sweep, run_sweep
+    from tuning.sweep import extended, load_sweep, run_sweep
 
-    if args.resume:
-        opts = load_sweep(_output(args), args.resume)
+    if args.resume:  # --trials above the sweep's total extends it
+        opts = extended(load_sweep(_output(args), args.resume, flag="--resume"), args.trials)
         resume = True
     else:
         opts = _sweep_options(args)
         resume = False
     outcome = run_sweep(opts, resume=resume)  # validates first: bad input starts nothing
     print()
-    _print_report(opts.tracking_uri, outcome.experiment_id, outcome.parent_run_id, None)
+    _print_report(opts.tracking_uri, outcome.experiment_id, outcome.parent_run_id, None, objective=opts.objective)
     print(f"\nsweep wall time {outcome.wall_s:.0f} s; {outcome.errors} trial(s) failed")
     _where_to_look(opts.tracking_uri, opts.name, outcome.experiment_id, opts.output)
     return 0
 
 
-def _print_report(uri: str, exp_id: str, parent_id: str, criterion: str | None, top: int = 10) -> None:
-    """The leaderboard by ``criterion`` (None: the recommended selection) and the correlations."""
+def _print_report(
+    uri: str, exp_id: str, parent_id: str, criterion: str | None, top: int = 10, objective: str = ""
+) -> None:
+    """The leaderboard by ``criterion`` (None: the recommended selection), the correlations, and
+    the Pareto front of a multi-objective ``objective``."""
     from tuning import selection
     from tuning.report import finished_trials, format_report
 
@@ -221,7 +226,7 @@ def _print_report(uri: str, exp_id: str, parent_id: str, criterion: str | None, 
     if table.empty:
         print("no trial finished: nothing to rank")
         return
-    print(format_report(table, criterion or selection.recommended_criterion(table), top=top))
+    print(format_report(table, criterion or selection.recommended_criterion(table), top=top, objective=objective))
 
 
 def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
@@ -246,10 +251,13 @@ def _sweep_record(args: argparse.Namespace) -> tuple[str, str, str, str | None]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from tuning.sweep import load_sweep
+
     uri, exp_id, parent_id, criterion = _sweep_record(args)
     if criterion:
         _check_criterion(criterion)
-    _print_report(uri, exp_id, parent_id, criterion, top=args.top)
+    objective = load_sweep(_output(args), args.name).objective
+    _print_report(uri, exp_id, parent_id, criterion, top=args.top, objective=objective)
     return 0
 
 
@@ -362,7 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--space", help="preset (regsl, robust, nso, full, groups, baseline, smoke) or a YAML file; default full"
     )
-    s.add_argument("--trials", type=int, default=16, help="trials to run in total (default 16)")
+    s.add_argument(
+        "--trials",
+        type=int,
+        help="trials to run in total (default 16); with --resume NAME, a number above the sweep's total "
+        "extends it: more trials in the same Optuna study and MLflow parent run",
+    )
     s.add_argument(
         "--concurrency", type=int, default=0, help="trials at once (default 0: as many as the resources allow)"
     )
@@ -377,9 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective",
         default=selection.DEFAULT_CRITERION,
         help=(
-            "what Optuna optimises: bound (default), measure, val_acc or val_loss (the pick is report/export's "
-            "--criterion, which by default follows the noise case: docs/results.md)"
+            "what Optuna optimises: bound (default), measure, val_acc or val_loss, or several joined by commas "
+            "(val_acc,bound) for a multi-objective search whose Pareto front the report shows (the pick is "
+            "report/export's --criterion, which by default follows the noise case: docs/results.md)"
         ),
+    )
+    s.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="Optuna RDB for the sweep's study (sqlite:////abs/optuna.db, postgresql://…); default: the "
+        "journal file optuna.journal in the sweep's folder",
+    )
+    s.add_argument(
+        "--warm-start",
+        metavar="NAME",
+        help="try the best configs (up to 3, by the criterion its report selects with) of an earlier sweep "
+        "in the same --output first (default: none)",
     )
     s.add_argument("--tracking-uri", help="sqlite:////abs/mlflow.db or http://HOST:PORT (default: sqlite in --output)")
     s.add_argument(
@@ -389,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--name", help="sweep name (= MLflow experiment); default <task>-<space>-<time>")
     s.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: a local Ray")
-    s.add_argument("--resume", metavar="NAME", help="continue an interrupted sweep")
+    s.add_argument(
+        "--resume", metavar="NAME", help="continue an interrupted sweep (with --trials N: extend a finished one)"
+    )
     s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint (default 1)")
     s.add_argument(
         "--diagnostics-every",

@@ -22,6 +22,8 @@ __all__ = [
     "finished_trials",
     "format_report",
     "noise_case",
+    "objective_pairs",
+    "pareto_table",
     "write_artifacts",
 ]
 
@@ -69,8 +71,26 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
 CORRELATION_MEASURES = metrics.MEASURES
 
 
-def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
-    """The leaderboard and the correlation table as text."""
+def objective_pairs(objective: str) -> list[tuple[str, str]]:
+    """(metric, direction) of each criterion of a sweep's search objective (``val_acc,bound``)."""
+    crits = [selection.get_criterion(name.strip()) for name in objective.split(",") if name.strip()]
+    return [(c.metric, c.direction) for c in crits]
+
+
+def pareto_table(table: pd.DataFrame, objective: str) -> pd.DataFrame | None:
+    """The Pareto front of a multi-objective sweep (None for a single objective), with the clean
+    test accuracy beside it for evaluation."""
+    pairs = objective_pairs(objective)
+    if len(pairs) < 2:
+        return None
+    front = selection.pareto_front(table, pairs)  # type: ignore[arg-type]
+    extra = [c for c in ("test_acc",) if c in table and c not in front]
+    return front.merge(table[["trial_id", *extra]], on="trial_id", how="left")
+
+
+def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10, objective: str = "") -> str:
+    """The leaderboard and the correlation table as text; with a multi-objective ``objective``,
+    the search's Pareto front too."""
     board = selection.leaderboard(table, criterion).head(top)
     band = {
         "paired": "the trials' per-sample validation correctness (paired)",
@@ -87,6 +107,15 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10) -> str:
         board.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
         "",
     ]
+    front = pareto_table(table, objective) if objective else None
+    if front is not None:
+        arrows = ", ".join(f"{m} {'↓' if d == 'min' else '↑'}" for m, d in objective_pairs(objective))
+        lines += [
+            f"Pareto front of the search objectives ({arrows}): {len(front)} of {len(table)} trials "
+            f"no other trial beats on both; the pick above is still by {criterion}",
+            front.to_string(index=False, float_format=lambda x: f"{x:.4f}"),
+            "",
+        ]
     measured = {m: int(_finite(table[m]).sum()) for m in CORRELATION_MEASURES if m in table}
     diagnostics = {m: n for m, n in measured.items() if m in metrics.DIAGNOSTICS and n < len(table)}
     measures = [m for m, n in measured.items() if n and not (m in diagnostics and n < 3)]
@@ -327,13 +356,18 @@ def _head_weight(model_name: str, weights: dict[str, Any]) -> str:
     return name if name in weights else next(k for k in reversed(list(weights)) if k.endswith(".weight"))
 
 
-def write_artifacts(table: pd.DataFrame, folder: Path, *, criterion: str) -> None:
-    """Leaderboard CSV, measure-vs-gap scatter, per-layer distance plot and the best configs."""
+def write_artifacts(table: pd.DataFrame, folder: Path, *, criterion: str, objective: str = "") -> None:
+    """Leaderboard CSV, measure-vs-gap scatter, per-layer distance plot and the best configs; for
+    a multi-objective ``objective``, the Pareto front as ``pareto_front.csv`` and a plot."""
     folder.mkdir(parents=True, exist_ok=True)
     selection.leaderboard(table, criterion).to_csv(folder / "leaderboard.csv", index=False)
     table.drop(columns=["params"]).to_csv(folder / "trials.csv", index=False)
     _scatter(table, folder / "measure_vs_gap.png")
     _distances(table, folder / "layer_distances.png")
+    front = pareto_table(table, objective) if objective else None
+    if front is not None:
+        front.to_csv(folder / "pareto_front.csv", index=False)
+        _pareto_plot(table, front, objective_pairs(objective), folder / "pareto_front.png")
     export_configs(table, criterion, top=3, folder=folder / "best_configs")
 
 
@@ -354,6 +388,21 @@ def _scatter(table: pd.DataFrame, path: Path) -> None:
         ax.scatter(table[name], table["gap"], c=table.get("test_acc"), cmap="viridis")
         tau = selection.kendall_tau(table[name].to_numpy(float), table["gap"].to_numpy(float))
         ax.set(xlabel=name, ylabel="true test gap", title=f"{name} vs gap (Kendall τ {tau:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pareto_plot(table: pd.DataFrame, front: pd.DataFrame, pairs: list[tuple[str, str]], path: Path) -> None:
+    """The first two objectives: every trial, the front's trials marked and joined."""
+    plt = _plt()
+    (x, _), (y, _) = pairs[:2]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter(table[x], table[y], c="0.6", label="trials")
+    ordered = front.sort_values(x)
+    ax.plot(ordered[x], ordered[y], "o-", c="C3", label="Pareto front")
+    ax.set(xlabel=x, ylabel=y, title=f"search objectives: {len(front)} of {len(table)} trials on the front")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,7 +3,11 @@
 The driver validates everything first, pretrains/caches the source model once, creates the
 MLflow experiment and parent run, then runs the trials with :func:`trainables.trainable.run_trial`.
 Sweep metadata lives in ``<output>/ray_results/<name>/hesstune_sweep.json`` so that
-``--resume NAME``, ``report`` and ``export`` need nothing but the name.
+``--resume NAME``, ``report`` and ``export`` need nothing but the name. The Optuna study lives
+beside it (``optuna.journal``, or the RDB of ``--optuna-storage``), so ``optuna.load_study`` and
+optuna-dashboard open it, and ``--resume NAME --trials N`` extends a finished sweep: each
+extension is one more Ray experiment (``extend-1``, … inside the sweep's folder) that asks the same
+study and logs under the same MLflow parent run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from tuning.tracking import ensure_parent_run, validate_tracking_uri
 __all__ = ["SweepError", "SweepOptions", "SweepPaths", "SweepResult", "load_sweep", "run_sweep"]
 
 META_FILE = "hesstune_sweep.json"
+JOURNAL_FILE = "optuna.journal"
 DIAGNOSTICS_EVERY = 12
+WARM_START_POINTS = 3  # --warm-start: the earlier sweep's best configs tried first
+DEFAULT_TRIALS = 16
 
 
 class SweepError(HesstuneError):
@@ -52,12 +59,21 @@ class SweepOptions:
     # trace and λ_max (diagnostics for the correlation table, not for selection) in every N-th
     # trial only: they cost more than M and B together (benchmarks/trial_profile.py, README)
     diagnostics_every: int = DIAGNOSTICS_EVERY
+    optuna_storage: str = ""  # an Optuna RDB URL; "": a JournalStorage file in the sweep's folder
+    warm_start: str = ""  # a finished sweep whose best configs the searcher tries first
+    # trials per Ray experiment: the first run, then each extension (--resume NAME --trials N)
+    segments: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trial_segments(self) -> tuple[int, ...]:
+        return self.segments or (self.trials,)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["base"] = self.base.to_dict()
         data["output"] = str(self.output)
+        data["segments"] = list(self.trial_segments)
         return data
 
     @classmethod
@@ -66,6 +82,7 @@ class SweepOptions:
         data["base"] = RunConfig.from_dict(data["base"])
         data["output"] = Path(data["output"])
         data.setdefault("diagnostics_every", 1)  # sweeps started before the option measured every trial
+        data["segments"] = tuple(data.get("segments") or (data["trials"],))
         return cls(**data)
 
 
@@ -86,25 +103,49 @@ class SweepPaths:
     def meta(self) -> Path:
         return self.experiment / META_FILE
 
+    @property
+    def journal(self) -> Path:
+        return self.experiment / JOURNAL_FILE
+
+    def segment(self, index: int) -> Path:
+        """The Ray experiment folder of the first run (0) or of extension ``index``."""
+        return self.experiment if index == 0 else self.experiment / f"extend-{index}"
+
 
 # Criteria whose metric every trial reports, so Optuna can optimise it (the study's extra
 # criteria are computed after the fact over a whole search; use them with ``report --criterion``).
 SWEEP_OBJECTIVES = selection.per_trial_criteria()
 
 
+def objective_metrics(objective: str) -> list[tuple[str, str]]:
+    """(metric, mode) of each criterion of ``objective``: one name, or several joined by commas for
+    a multi-objective search (``val_acc,bound``). The first is the primary: the metric trials
+    report as ``objective``, and the one ASHA stops trials by."""
+    names = [n.strip() for n in objective.split(",")]
+    if len(set(names)) < len(names) or "" in names:
+        raise SweepError(f"--objective {objective!r}: name each criterion once, e.g. val_acc,bound")
+    pairs: list[tuple[str, str]] = []
+    for name in names:
+        try:
+            crit = selection.get_criterion(name)
+        except ValueError as exc:
+            raise SweepError(f"--objective {objective}: {exc}") from None
+        if crit.evaluation_only:
+            raise SweepError(
+                f"--objective {objective}: {name} uses the clean test labels (evaluation only): "
+                f"use {', '.join(SWEEP_OBJECTIVES)}"
+            )
+        if name not in SWEEP_OBJECTIVES:
+            raise SweepError(
+                f"--objective {objective}: {name} is not reported by trials: use {', '.join(SWEEP_OBJECTIVES)}"
+            )
+        pairs.append((crit.metric, crit.direction))
+    return pairs
+
+
 def objective_metric(objective: str) -> tuple[str, str]:
-    """(metric, mode) of a selection criterion usable as the search objective."""
-    try:
-        crit = selection.get_criterion(objective)
-    except ValueError as exc:
-        raise SweepError(str(exc)) from None
-    if crit.evaluation_only:
-        raise SweepError(
-            f"--objective {objective} uses the clean test labels (evaluation only): use bound, measure or val_acc"
-        )
-    if objective not in SWEEP_OBJECTIVES:
-        raise SweepError(f"--objective {objective} is not reported by trials: use one of {', '.join(SWEEP_OBJECTIVES)}")
-    return crit.metric, crit.direction
+    """(metric, mode) of the primary criterion of the search objective."""
+    return objective_metrics(objective)[0]
 
 
 def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace:
@@ -130,6 +171,7 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
         )
     objective_metric(opts.objective)
     validate_tracking_uri(opts.tracking_uri)  # sqlite on several nodes is refused by the preflight
+    check_optuna_storage(opts.optuna_storage)
     space = load_space(opts.space)
     space.check(opts.base)
     check_storage(opts.output)
@@ -138,7 +180,40 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
         raise SweepError(
             f"sweep {opts.name!r} already exists in {paths.storage}: use --resume {opts.name} or another --name"
         )
+    if opts.warm_start and not resume:
+        load_sweep(opts.output, opts.warm_start, flag="--warm-start")
     return space
+
+
+OPTUNA_RDB_SCHEMES = ("sqlite:///", "postgresql", "mysql")
+
+
+def check_optuna_storage(url: str) -> None:
+    if url and not url.startswith(OPTUNA_RDB_SCHEMES):
+        raise SweepError(
+            f"--optuna-storage {url!r} is not an Optuna RDB URL: use sqlite:////abs/optuna.db, "
+            "postgresql://… or mysql://… (default: a journal file in the sweep's folder)"
+        )
+
+
+def study_storage(opts: SweepOptions) -> Any:
+    """The sweep's Optuna storage: the RDB of ``--optuna-storage``, else a JournalStorage file in
+    the sweep's folder. ``optuna.load_study(study_name=NAME, storage=...)`` opens the study."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if opts.optuna_storage:
+        return optuna.storages.RDBStorage(opts.optuna_storage)
+    path = SweepPaths(opts.output.resolve(), opts.name).journal
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def load_study(output: Path, name: str) -> Any:
+    """The Optuna study of sweep ``name`` (every trial its searcher asked, in all its runs)."""
+    import optuna
+
+    opts = load_sweep(output, name)
+    return optuna.load_study(study_name=opts.name, storage=study_storage(opts))
 
 
 def check_storage(output: Path) -> None:
@@ -152,11 +227,30 @@ def check_storage(output: Path) -> None:
         raise SweepError(f"--output {str(output)!r} cannot be created or written ({str(ancestor)!r} is not writable)")
 
 
-def load_sweep(output: Path, name: str) -> SweepOptions:
+def load_sweep(output: Path, name: str, *, flag: str = "--name") -> SweepOptions:
     meta = SweepPaths(output, name).meta
     if not meta.is_file():
-        raise SweepError(f"no sweep named {name!r} in {output.resolve() / 'ray_results'}: check --name/--output")
+        raise SweepError(f"no sweep named {name!r} in {output.resolve() / 'ray_results'}: check {flag}/--output")
     return SweepOptions.from_json(json.loads(meta.read_text()))
+
+
+def extended(opts: SweepOptions, trials: int | None) -> SweepOptions:
+    """``opts`` of a sweep being resumed, with ``trials`` in total: more than it has adds an
+    extension (a Ray experiment of the difference) to its segments; fewer is refused."""
+    if trials is None or trials == opts.trials:
+        return opts
+    if trials < opts.trials:
+        raise SweepError(
+            f"--trials {trials} is below the {opts.trials} trials sweep {opts.name!r} already has: "
+            f"give more than {opts.trials} to extend it, or leave --trials out to resume it"
+        )
+    if not opts.optuna_storage and not SweepPaths(opts.output, opts.name).journal.exists():
+        raise SweepError(
+            f"sweep {opts.name!r} kept its Optuna study in memory (it predates persisted studies): "
+            f"it can be resumed but not extended; start a new sweep with --warm-start {opts.name}"
+        )
+    segments = (*opts.trial_segments, trials - opts.trials)
+    return SweepOptions(**{**opts.__dict__, "trials": trials, "segments": segments})
 
 
 # -- Ray ---------------------------------------------------------------------------------------
@@ -207,16 +301,43 @@ def check_trial_resources(opts: SweepOptions, log: Callable[[str], None] = print
             log(f"warning: {message} now: trials wait until its autoscaler adds them (else use {fix})")
 
 
-def _searcher(space: SearchSpace, opts: SweepOptions, mode: str) -> Any:
+def _searcher(space: SearchSpace, opts: SweepOptions, segment: int) -> Any:
+    """Optuna's TPE over the sweep's persistent study. An extension (``segment`` > 0) loads the
+    study with all earlier trials and seeds its sampler apart, so it does not redraw the first
+    run's random start-up configs."""
     from tuning.search import FidelityAwareOptunaSearch
 
+    pairs = objective_metrics(opts.objective)
+    metric: str | list[str] = OBJECTIVE_KEY if len(pairs) == 1 else [m for m, _ in pairs]
+    mode: str | list[str] = pairs[0][1] if len(pairs) == 1 else [d for _, d in pairs]
+    points = warm_start_points(opts, space) if segment == 0 and opts.warm_start else None
     return FidelityAwareOptunaSearch(
         space=space.bind(opts.base),
-        metric=OBJECTIVE_KEY,
+        metric=metric,
         mode=mode,
-        seed=opts.seed,
+        seed=opts.seed + 1000 * segment,
+        study_name=opts.name,
+        storage=study_storage(opts),
+        points_to_evaluate=points,
         max_epochs=space.epochs_for(opts.base),
     )
+
+
+def warm_start_points(opts: SweepOptions, space: SearchSpace) -> list[dict[str, Any]]:
+    """The searched values of the ``--warm-start`` sweep's best trials (by the criterion its
+    report selects with), best first, as points this sweep's searcher tries first. A value this
+    space cannot take is left out of its point, and Optuna samples it instead
+    (:meth:`SearchSpace.default_point`)."""
+    from tuning.report import config_from_params, finished_trials
+
+    earlier = load_sweep(opts.output, opts.warm_start, flag="--warm-start")
+    table = finished_trials(earlier.tracking_uri, earlier.extra["experiment_id"], earlier.extra["parent_run_id"])
+    if table.empty:
+        raise SweepError(f"--warm-start {opts.warm_start}: that sweep has no finished trial to start from")
+    criterion = selection.recommended_criterion(table)
+    by_id = {row["trial_id"]: row for _, row in table.iterrows()}
+    best = selection.rank(table, criterion)[: min(WARM_START_POINTS, opts.trials)]
+    return [space.default_point(config_from_params(by_id[t]["params"])) for t in best]
 
 
 def _scheduler(opts: SweepOptions, epochs: int) -> Any:
@@ -238,7 +359,9 @@ def _base_for(opts: SweepOptions, metric: str) -> RunConfig:
     return base
 
 
-def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: SweepPaths) -> Any:
+def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: SweepPaths, segment: int) -> Any:
+    """The Ray Tuner of run ``segment`` of the sweep: restored from its folder when Ray saved it
+    there (a killed or finished run), else new, with that run's number of trials."""
     from ray import tune
 
     from trainables.trainable import run_trial
@@ -250,25 +373,24 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
         ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
-    if paths.experiment.exists() and tune.Tuner.can_restore(str(paths.experiment)):
-        return tune.Tuner.restore(
-            str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False
-        )
+    folder = paths.segment(segment)
+    if folder.exists() and tune.Tuner.can_restore(str(folder)):
+        return tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=False)
     epochs = space.epochs_for(opts.base)
     tune_config = tune.TuneConfig(
-        search_alg=_searcher(space, opts, mode),
+        search_alg=_searcher(space, opts, segment),
         scheduler=_scheduler(opts, epochs),
         metric=OBJECTIVE_KEY,
         mode=mode,
-        num_samples=opts.trials,
+        num_samples=opts.trial_segments[segment],
         max_concurrent_trials=opts.concurrency or None,
         reuse_actors=True,
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )
     run_config = tune.RunConfig(
-        name=opts.name,
-        storage_path=str(paths.storage),
+        name=folder.name,
+        storage_path=str(folder.parent),
         verbose=0,
         callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -287,15 +409,16 @@ class SweepResult:
 
     experiment_id: str
     parent_run_id: str
-    results: Any  # ray.tune.ResultGrid
+    results: Any  # ray.tune.ResultGrid of the sweep's last run (the first, or its last extension)
     paths: SweepPaths
     wall_s: float
-    errors: int  # trials that ended in error
+    errors: int  # trials that ended in error, in all runs
 
 
 def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], None] = print) -> SweepResult:
     """Validate ``opts`` (:func:`validate_options`, nothing is started before), then run the sweep
-    to completion."""
+    to completion: every run of it in order (:attr:`SweepOptions.segments`); a run Ray has
+    finished returns at once, an interrupted one resumes, a new extension starts."""
     from tuning.callbacks import ProgressCallback, TrackingCallback
 
     space = validate_options(opts, resume=resume)
@@ -324,20 +447,50 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         artifacts=paths.output / "mlartifacts",  # everything a sweep writes stays under --output
     )
     paths.experiment.mkdir(parents=True, exist_ok=True)
-    meta = {**opts.to_json(), "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}}
-    paths.meta.write_text(json.dumps(meta, indent=1))
-    tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, sweep=opts.name)
-    progress = ProgressCallback(opts.trials, metric, epochs=space.epochs_for(opts.base), log=log)
+    opts = SweepOptions(**{**opts.__dict__, "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}})
+    _write_meta(paths, opts)  # before any trial: a killed driver resumes with what it was asked
+    tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, sweep=opts.name, objectives=opts.objective)
     tic = time.perf_counter()
     log(
         f"sweep {opts.name}: {opts.trials} trials of space {space.name!r}, objective {opts.objective}, "
         f"results in {paths.experiment}"
     )
-    # A restored tuner brings back its own (pickled) callbacks; ``finish`` reads MLflow, so any
-    # instance of the tracker can close the sweep.
-    results = _tuner(opts, space, [tracker, progress], paths).fit()
+    errors, results = 0, None
+    segments = opts.trial_segments
+    for segment, count in enumerate(segments):
+        if segment and not paths.segment(segment).exists():
+            log(f"extending sweep {opts.name}: {count} more trial(s), {opts.trials} in total")
+        before = sum(segments[:segment])
+        progress = ProgressCallback(count, metric, epochs=space.epochs_for(opts.base), log=log, offset=before)
+        # A restored tuner brings back its own (pickled) callbacks; ``finish`` reads MLflow, so any
+        # instance of the tracker can close the sweep.
+        results = _tuner(opts, space, [tracker, progress], paths, segment).fit()
+        errors += len(results.errors)
+    _close_study(opts)
     tracker.finish(wall_s=time.perf_counter() - tic)
-    return SweepResult(exp_id, parent_id, results, paths, time.perf_counter() - tic, len(results.errors))
+    return SweepResult(exp_id, parent_id, results, paths, time.perf_counter() - tic, errors)
+
+
+def _write_meta(paths: SweepPaths, opts: SweepOptions) -> None:
+    """The sweep's options, written whole or not at all (a rename is atomic)."""
+    tmp = paths.meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps(opts.to_json(), indent=1))
+    tmp.replace(paths.meta)
+
+
+def _close_study(opts: SweepOptions) -> None:
+    """Mark FAIL the study's trials still RUNNING once every Ray trial has ended: trials the
+    searcher asked for before a killed driver last saved its state, which the resumed sweep
+    replaced (docs/design.md)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=opts.name, storage=study_storage(opts))
+    except KeyError:  # a sweep started before studies were persisted kept its study in memory
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
 
 
 def _sweep_tags(opts: SweepOptions) -> dict[str, str]:

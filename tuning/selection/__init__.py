@@ -60,6 +60,7 @@ from tuning.selection.derived import (
     recommended_criterion,
     validation_correctness,
 )
+from tuning.selection.pareto import pareto_front
 from tuning.selection.statistics import (
     GranulatedKendall,
     correlations,
@@ -94,6 +95,7 @@ __all__ = [
     "list_criteria",
     "noise_looks_symmetric",
     "paired_validation_band",
+    "pareto_front",
     "partial_kendall",
     "pearson_r",
     "per_trial_criteria",
