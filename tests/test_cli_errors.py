@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,42 @@ BAD_SWEEPS = {
     "negative retries": (["--max-failures", "-1"], "--max-failures"),
     "unknown resume name": (["--resume", "never-ran"], "never-ran"),
     "cuda without a gpu per trial": (["--set", "device=cuda"], "--gpus-per-trial is 0"),
+    "oracle among two objectives": (["--objective", "val_acc,oracle"], "oracle uses the clean test labels"),
+    "an objective named twice": (["--objective", "bound,bound"], "name each criterion once"),
+    "unknown warm-start sweep": (["--warm-start", "never-ran"], "no sweep named 'never-ran'"),
+    "optuna storage not an RDB": (["--optuna-storage", "redis://localhost"], "redis://localhost"),
 }
+
+
+def _finished_sweep(out: Path, name: str, trials: int, **fields: object) -> Path:
+    """A sweep's metadata as a finished sweep leaves it (no Ray, no MLflow needed to refuse)."""
+    from trainables.config import RunConfig
+    from tuning.sweep import SweepOptions, SweepPaths
+
+    paths = SweepPaths(out, name)
+    paths.experiment.mkdir(parents=True)
+    opts = SweepOptions(name=name, space="smoke", base=RunConfig(), trials=trials, output=out, **fields)  # type: ignore[arg-type]
+    paths.meta.write_text(json.dumps(opts.to_json()))
+    paths.journal.write_text("")
+    return paths.experiment
+
+
+def test_resume_with_fewer_trials_than_the_sweep_has_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    folder = _finished_sweep(tmp_path, "four", 4)
+    before = sorted(p.name for p in folder.iterdir())
+    code, err = run_cli(capsys, "sweep", "--resume", "four", "--trials", "3", "--output", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "--trials 3 is below the 4 trials sweep 'four' already has" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_sweep_whose_study_was_in_memory_resumes_but_does_not_extend(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (_finished_sweep(tmp_path, "old", 4) / "optuna.journal").unlink()
+    code, err = run_cli(capsys, "sweep", "--resume", "old", "--trials", "6", "--output", str(tmp_path))
+    assert code == 2 and "kept its Optuna study in memory" in err and "--warm-start old" in err
 
 
 def test_output_that_is_a_file_or_not_writable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

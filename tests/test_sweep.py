@@ -237,3 +237,91 @@ def test_train_with_no_arguments_gives_the_model_the_readme_promises(cli_env: di
     assert "30 epochs, regularizers: constraint, self_label" in proc.stdout
     final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
     assert final["test_acc"] >= TRAIN_PROMISE and final["memorized"] <= 0.10, final
+
+
+# -- the Optuna study: warm start, two objectives, extension ----------------------------------------
+MO_SWEEP = "mo"
+
+
+@pytest.fixture(scope="module")
+def mo_sweep(sweep: dict[str, object], cli_env: dict[str, str]) -> dict[str, object]:
+    """A second sweep in the same --output: warm-started from ``it4``, searching val_acc and bound
+    together, 4 trials; then extended to 6 with ``--resume mo --trials 6``."""
+    out = str(sweep["out"])
+    common = ["--output", out, "--set", "measure.samples=96", "--set", "measure.eigen_samples=32"]
+    first = hesstune(
+        "sweep", "--space", "smoke", "--trials", "4", "--epochs", "1", "--name", MO_SWEEP, "--seed", "5",
+        "--noise", "pair:0.4", "--warm-start", SWEEP, "--objective", "val_acc,bound", *common, env=cli_env,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
+    second = hesstune("sweep", "--resume", MO_SWEEP, "--trials", "6", "--output", out, env=cli_env)
+    assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(str(sweep["uri"]))
+    runs = mlflow.search_runs(experiment_names=[MO_SWEEP])
+    return {"out": sweep["out"], "runs": runs, "first": first.stdout, "second": second.stdout}
+
+
+def test_warm_start_tries_the_earlier_sweeps_best_configs_first(
+    sweep: dict[str, object], mo_sweep: dict[str, object]
+) -> None:
+    from tuning.report import finished_trials
+
+    parent = _parent(sweep)
+    earlier = finished_trials(str(sweep["uri"]), parent["experiment_id"].iloc[0], parent["run_id"].iloc[0])
+    best = selection.rank(earlier, "val_band_bound")[:3]  # the pick it4's report makes (pair noise)
+    assert best[0] == _children(sweep).loc[_val_band_bound_pick(_children(sweep)), "tags.hesstune.trial_id"]
+    searched = ("params.optim.lr", "params.constraint.radius")  # the smoke space
+    old = _children(sweep).set_index("tags.hesstune.trial_id").loc[best, list(searched)]
+    new = _children(mo_sweep)
+    new = new.set_index(new["tags.hesstune.trial_index"].astype(int)).sort_index()
+    assert new.loc[[0, 1, 2], list(searched)].to_numpy().tolist() == old.to_numpy().tolist()
+    assert new.loc[3, "params.optim.lr"] not in set(old["params.optim.lr"])  # then the searcher's own draws
+
+
+def test_extending_a_sweep_adds_trials_to_the_same_study_and_parent_run(mo_sweep: dict[str, object]) -> None:
+    import optuna
+
+    from tuning.sweep import load_study
+
+    parent, children = _parent(mo_sweep), _children(mo_sweep)
+    assert len(parent) == 1 and len(children) == 6 and set(children["status"]) == {"FINISHED"}
+    assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"].iloc[0]}
+    assert sorted(children["tags.hesstune.trial_index"].astype(int)) == list(range(6))
+    assert parent["metrics.n_trials"].iloc[0] == 6 and parent["status"].iloc[0] == "FINISHED"
+    out = Path(mo_sweep["out"])  # type: ignore[arg-type]
+    study = optuna.load_study(study_name=MO_SWEEP, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "ray_results" / MO_SWEEP / "optuna.journal"))
+    ))  # fmt: skip
+    assert len(study.trials) == 6 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    assert len(load_study(out, MO_SWEEP).trials) == 6
+    by_index = children.set_index(children["tags.hesstune.trial_index"].astype(int))
+    for trial in study.trials:  # the study's values are the runs' final val_acc and bound
+        assert trial.values == pytest.approx(
+            [by_index.loc[trial.number, "metrics.val_acc"], by_index.loc[trial.number, "metrics.bound"]]
+        )
+    second = str(mo_sweep["second"])
+    assert "extending sweep mo: 2 more trial(s), 6 in total" in second and "[6/6]" in second
+
+
+def test_multi_objective_report_and_artifact_hold_the_non_dominated_trials(mo_sweep: dict[str, object]) -> None:
+    import mlflow
+
+    children = _children(mo_sweep)
+    points = {
+        row["tags.hesstune.trial_id"]: (row["metrics.val_acc"], row["metrics.bound"]) for _, row in children.iterrows()
+    }
+    front = {  # recomputed here: no other trial at least as good on both and better on one
+        t
+        for t, (acc, bound) in points.items()
+        if not any(a >= acc and b <= bound and (a > acc or b < bound) for a, b in points.values())
+    }
+    run_id = _parent(mo_sweep)["run_id"].iloc[0]
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="pareto_front.csv"))
+    assert set(pd.read_csv(folder)["trial_id"]) == front
+    assert "pareto_front.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    report = str(mo_sweep["second"]).split("Pareto front of the search objectives (val_acc ↑, bound ↓)")[1]
+    assert report.startswith(f": {len(front)} of 6 trials")
+    listed = report.split("\n\n")[0].splitlines()[2:]
+    assert {line.split()[0] for line in listed} == front

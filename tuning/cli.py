@@ -11,62 +11,28 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from trainables import metrics
-from trainables.config import ConfigError, RunConfig, load_config
+from trainables.config import RunConfig
 from trainables.errors import HesstuneError
+from tuning import api
+from tuning.api import DEFAULT_OUTPUT, UsageError
 
 __all__ = ["main"]
 
-DEFAULT_OUTPUT = "hesstune_runs"
-
-
-class UsageError(HesstuneError):
-    """Bad command-line input."""
-
-
-# -- shared options ----------------------------------------------------------------------------
-def _parse_noise(text: str) -> dict[str, Any]:
-    if text == "none":
-        return {"task.noise.kind": "none", "task.noise.rate": 0.0}
-    kind, _, rate = text.partition(":")
-    if kind not in ("symmetric", "pair", "correlated") or not rate:
-        raise UsageError(f"--noise {text!r}: use none, symmetric:R, pair:R or correlated:R (R in [0, 1))")
-    try:
-        value = float(rate)
-    except ValueError:
-        raise UsageError(f"--noise {text!r}: the rate {rate!r} is not a number") from None
-    return {"task.noise.kind": kind, "task.noise.rate": value}
-
-
-def _task_name(text: str) -> str:
-    kind, sep, path = text.partition(":")
-    return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path else text
-
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set KEY=VALUE`` as dotted-key overrides (values read as YAML scalars)."""
+    import yaml
+
     flat: dict[str, Any] = {}
-    if getattr(args, "task", None):
-        flat["task.name"] = _task_name(args.task)
-    if getattr(args, "model", None):
-        flat["model.name"] = args.model
-    if getattr(args, "pretrained", None):
-        flat["model.pretrained"] = args.pretrained
-    if getattr(args, "noise", None):
-        flat.update(_parse_noise(args.noise))
-    for key in ("epochs", "seed"):
-        if getattr(args, key, None) is not None:
-            flat[key] = getattr(args, key)
     for item in getattr(args, "set", None) or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set {item!r}: use KEY=VALUE, e.g. --set optim.lr=3e-4")
-        import yaml
-
         flat[key] = yaml.safe_load(value)
     return flat
 
@@ -92,17 +58,13 @@ RECOMMENDED_TRAIN: dict[str, Any] = {
 
 
 def _base_config(args: argparse.Namespace, default: RunConfig | None = None) -> RunConfig:
-    base = load_config(args.config) if getattr(args, "config", None) else (default or RunConfig())
-    cfg = base.replace(**_overrides(args))
-    from trainables.data import parse_task_name
-    from trainables.models import check_model_name
+    return api.base_config(**_config_args(args), default=default)
 
-    parse_task_name(cfg.task.name)
-    check_model_name(cfg.model.name)
-    path = cfg.task.name.partition(":")[2]
-    if path and not Path(path).is_dir():
-        raise ConfigError(f"task folder {path!r} does not exist: give an existing local folder")
-    return cfg
+
+def _config_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config flags as :func:`tuning.api.base_config` takes them."""
+    names = ("config", "task", "model", "pretrained", "noise", "epochs", "seed")
+    return {**{n: getattr(args, n, None) for n in names}, "overrides": _overrides(args)}
 
 
 def _output(args: argparse.Namespace) -> Path:
@@ -169,64 +131,36 @@ def _final_table(m: dict[str, float]) -> str:
 
 # -- sweep ---------------------------------------------------------------------------------------
 def _sweep_options(args: argparse.Namespace) -> Any:
-    from tuning.sweep import DEFAULT_TRIALS, SweepOptions
-
-    output = _output(args)
-    base = _base_config(args)
-    space = args.space or "full"
-    space_tag = Path(space).stem if space.endswith((".yaml", ".yml")) else space
-    name = args.name or f"{base.task.name.split(':')[0]}-{space_tag}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return SweepOptions(
-        name=name,
-        space=space,
-        base=base,
-        trials=DEFAULT_TRIALS if args.trials is None else args.trials,
+    return api.sweep_options(
+        args.name,
+        space=args.space or "full",
+        trials=api.DEFAULT_TRIALS if args.trials is None else args.trials,
+        objective=args.objective,
+        output=_output(args),
+        tracking_uri=args.tracking_uri,
         concurrency=args.concurrency,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         scheduler=args.scheduler,
-        objective=args.objective,
-        tracking_uri=_tracking_uri(args, output),
-        output=output,
-        seed=args.seed or 0,
         address=args.address,
         max_failures=args.max_failures,
         diagnostics_every=args.diagnostics_every,
         optuna_storage=args.optuna_storage or "",
         warm_start=args.warm_start or "",
+        **_config_args(args),
     )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tuning.sweep import extended, load_sweep, run_sweep
-
     if args.resume:  # --trials above the sweep's total extends it
-        opts = extended(load_sweep(_output(args), args.resume, flag="--resume"), args.trials)
-        resume = True
+        done = api.open_sweep(args.resume, _output(args), flag="--resume").resume(args.trials)
     else:
-        opts = _sweep_options(args)
-        resume = False
-    outcome = run_sweep(opts, resume=resume)  # validates first: bad input starts nothing
+        done = api.run(_sweep_options(args))  # validates first: bad input starts nothing
     print()
-    _print_report(opts.tracking_uri, outcome.experiment_id, outcome.parent_run_id, None, objective=opts.objective)
-    print(f"\nsweep wall time {outcome.wall_s:.0f} s; {outcome.errors} trial(s) failed")
-    _where_to_look(opts.tracking_uri, opts.name, outcome.experiment_id, opts.output)
+    print(done.report())
+    print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
+    _where_to_look(done.tracking_uri, done.name, done.experiment_id, done.output)
     return 0
-
-
-def _print_report(
-    uri: str, exp_id: str, parent_id: str, criterion: str | None, top: int = 10, objective: str = ""
-) -> None:
-    """The leaderboard by ``criterion`` (None: the recommended selection), the correlations, and
-    the Pareto front of a multi-objective ``objective``."""
-    from tuning import selection
-    from tuning.report import finished_trials, format_report
-
-    table = finished_trials(uri, exp_id, parent_id)
-    if table.empty:
-        print("no trial finished: nothing to rank")
-        return
-    print(format_report(table, criterion or selection.recommended_criterion(table), top=top, objective=objective))
 
 
 def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
@@ -242,22 +176,20 @@ def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
 
 # -- report / export --------------------------------------------------------------------------------
 def _sweep_record(args: argparse.Namespace) -> tuple[str, str, str, str | None]:
-    from tuning.sweep import load_sweep
+    done = _recorded_sweep(args)
+    return done.tracking_uri, done.experiment_id, done.parent_run_id, args.criterion
 
-    opts = load_sweep(_output(args), args.name)
-    uri = _tracking_uri(args, opts.output) if args.tracking_uri else opts.tracking_uri
-    extra = opts.extra
-    return uri, extra["experiment_id"], extra["parent_run_id"], args.criterion
+
+def _recorded_sweep(args: argparse.Namespace) -> api.Sweep:
+    """The sweep named on the command line, read from ``--tracking-uri`` when given."""
+    done = api.open_sweep(args.name, _output(args))
+    return done.with_tracking_uri(_tracking_uri(args, done.output)) if args.tracking_uri else done
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tuning.sweep import load_sweep
-
-    uri, exp_id, parent_id, criterion = _sweep_record(args)
-    if criterion:
-        _check_criterion(criterion)
-    objective = load_sweep(_output(args), args.name).objective
-    _print_report(uri, exp_id, parent_id, criterion, top=args.top, objective=objective)
+    if args.criterion:
+        _check_criterion(args.criterion)
+    print(_recorded_sweep(args).report(args.criterion, top=args.top))
     return 0
 
 
