@@ -324,8 +324,9 @@ def _searcher(space: SearchSpace, opts: SweepOptions, segment: int) -> Any:
 
 
 def warm_start_points(opts: SweepOptions, space: SearchSpace) -> list[dict[str, Any]]:
-    """The searched values of the ``--warm-start`` sweep's best trials (by the criterion its
-    report selects with), best first, as points this sweep's searcher tries first. A value this
+    """The searched values of the ``--warm-start`` sweep's best trials (up to 3 of those ranked by
+    the criterion its report selects with: val_band_bound ranks only the trials inside its
+    validation band), best first, as points this sweep's searcher tries first. A value this
     space cannot take is left out of its point, and Optuna samples it instead
     (:meth:`SearchSpace.default_point`)."""
     from tuning.report import config_from_params, finished_trials
