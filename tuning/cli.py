@@ -255,10 +255,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tuning import selection
-    from tuning.report import export_configs, finished_trials
+    from tuning.export import check_registered_model_name, export_configs, final_checkpoint, register_model
+    from tuning.report import finished_trials
 
     if args.top < 1:
         raise UsageError(f"--top {args.top} must be ≥ 1")
+    folder = Path(args.o).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"-o {str(folder)!r} is a file: give a folder")
+    if args.register is not None:
+        check_registered_model_name(args.register)
     uri, exp_id, parent_id, criterion = _sweep_record(args)
     if criterion:
         _check_criterion(criterion, for_selection=True)
@@ -269,16 +275,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tuning.sweep import SweepPaths
 
     trials_dir = SweepPaths(_output(args).resolve(), args.name).experiment
-    folder = Path(args.o).expanduser().resolve()
-    paths = export_configs(table, criterion, args.top, folder, refit=args.refit, trials_dir=trials_dir, sweep=args.name)
+    best = selection.rank(table, criterion)[0]
+    if args.register is not None and not args.refit and final_checkpoint(trials_dir, best) is None:
+        raise UsageError(
+            f"--register: the rank-1 trial {best} has no checkpoint under {trials_dir} to register; "
+            "add --refit to train and register its refit"
+        )
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    paths = export_configs(
+        table, criterion, args.top, folder, refit=args.refit, trials_dir=trials_dir, sweep=args.name, log=log
+    )
     for path in paths:
         hint = {
             ".yaml": f"  (replay: hesstune train --config {path})",
-            ".json": "  (model card: what was picked, why, how to load it)",
+            ".json": "  (model card: what was picked, why, how to load and use it)",
         }
         print(f"wrote {path}{hint.get(path.suffix, '')}")
     if not any(p.suffix == ".safetensors" for p in paths):
         print(f"no trial checkpoint under {trials_dir}: configs only (replay them with hesstune train)")
+    if args.register is not None:
+        version = register_model(uri, parent_id, folder, args.register, rank=1, refit=args.refit)
+        print(
+            f"registered {args.register} version {version} (alias champion) from rank 1, logged on the sweep's "
+            f"parent run {parent_id}: mlflow.pytorch.load_model('models:/{args.register}@champion')"
+        )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tuning.export import load_model
+
+    loaded = load_model(args.model, rank=args.rank, refit=args.refit)
+    x = loaded.read_images(args.images)  # every image read before anything is printed
+    for path, p in zip(args.images, loaded.predict(x), strict=True):
+        print(f"{path}\t{p.name} (class {p.class_id})\t{p.probability:.4f}")
     return 0
 
 
@@ -417,8 +447,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top", type=int, default=top, help=f"how many trials (default {top})")
         if cmd == "export":
             p.add_argument("-o", required=True, metavar="DIR", help="folder for 1.yaml, 2.yaml, …")
-            p.add_argument("--refit", action="store_true", help="train the chosen configs on train ∪ val")
+            p.add_argument(
+                "--refit",
+                action="store_true",
+                help="train the chosen configs on train ∪ val here (r.refit.safetensors) and make r.yaml do so",
+            )
+            p.add_argument(
+                "--register",
+                metavar="MODEL_NAME",
+                help="log the rank-1 model on the sweep's parent run and register it as a new version of "
+                "MODEL_NAME in the MLflow Model Registry, alias champion (with --refit: the refit weights)",
+            )
         p.set_defaults(func=cmd_report if cmd == "report" else cmd_export)
+
+    r = sub.add_parser("predict", help="classify image files with an exported model (one line per image)")
+    r.add_argument("--model", required=True, metavar="DIR", help="a folder written by hesstune export -o DIR")
+    r.add_argument("--rank", type=int, default=1, help="which exported model (default 1)")
+    r.add_argument("--refit", action="store_true", help="use its refit weights (export --refit)")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, …; grey or colour)")
+    r.set_defaults(func=cmd_predict)
 
     t = sub.add_parser(
         "train",
