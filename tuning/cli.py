@@ -499,6 +499,8 @@ def _process_environment() -> None:
     # against an http server MLflow prints "View run … / View experiment …" whenever a run ends, once
     # per trial, burying the progress lines; the sweep prints where to look at its end instead
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # export --register downloads a one-file model to check it: no progress bars among its lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
