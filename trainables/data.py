@@ -69,7 +69,7 @@ class Split:
 @dataclass(frozen=True)
 class Preprocessing:
     """What a model trained on a task expects of an image, and what its outputs mean: enough to
-    use the model without the data set (the model card records it, docs/transfer.md).
+    use the model without the data set (the model card records it, docs/design.md).
 
     An image file becomes a model input as :func:`load_image` reads it (RGB, values / 255, the
     shorter side resized to ``image_size``, a centre square), then ``(x − mean) / std`` per
