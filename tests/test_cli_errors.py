@@ -242,3 +242,37 @@ def test_bad_data_is_one_line_before_anything_runs(
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "needle"), [("", "empty"), ("a/b", "'/'"), ("team:model", "':'"), ("..x", "path")])
+def test_register_refuses_the_names_mlflow_rejects_before_anything_is_written(
+    name: str, needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """MLflow 3.17.2 (``mlflow.utils.validation._validate_model_name``) rejects these names only
+    after the model was logged; export refuses them before reading the sweep."""
+    out = tmp_path / "best"
+    code, err = run_cli(capsys, "export", "never-ran", "--output", str(tmp_path), "--register", name, "-o", str(out))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "--register" in lines[0] and needle in lines[0], err
+    assert not out.exists()
+
+
+def test_export_to_a_file_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    a_file = tmp_path / "best"
+    a_file.write_text("x")
+    code, err = run_cli(capsys, "export", "never-ran", "--output", str(tmp_path), "-o", str(a_file))
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "is a file" in lines[0] and str(a_file) in lines[0], err
+    assert a_file.read_text() == "x"
+
+
+def test_predict_needs_an_export_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    Image.new("L", (8, 8)).save(image)
+    code, err = run_cli(capsys, "predict", "--model", str(tmp_path), str(image))
+    assert code == 2 and "1.card.json" in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "2.card.json").write_text('{"weights": "2.safetensors"}')
+    code, err = run_cli(capsys, "predict", "--model", str(tmp_path), "--rank", "2", str(image))
+    assert code == 2 and "2.safetensors" in err and len(err.strip().splitlines()) == 1, err
+    code, err = run_cli(capsys, "predict", "--model", str(tmp_path), "--rank", "2", "--refit", str(image))
+    assert code == 2 and "2.refit.safetensors" in err, err

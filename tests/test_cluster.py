@@ -109,16 +109,19 @@ def sweep(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_sweep_on_two_nodes_logs_to_the_server_and_packs_fractional_gpus(
-    cluster: str, server: str, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def c4(
+    cluster: str, server: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The 6-trial sweep on the two nodes, logged to the server: its --output and the process."""
+    out = tmp_path_factory.mktemp("c4")
     proc = sweep(
         "--address",
         cluster,
         "--tracking-uri",
         server,
         "--output",
-        str(tmp_path),
+        str(out),
         "--name",
         "c4",
         "--space",
@@ -136,6 +139,13 @@ def test_sweep_on_two_nodes_logs_to_the_server_and_packs_fractional_gpus(
         "--objective",
         "val_acc",
     )
+    return out, proc
+
+
+def test_sweep_on_two_nodes_logs_to_the_server_and_packs_fractional_gpus(
+    c4: tuple[Path, subprocess.CompletedProcess[str]], server: str
+) -> None:
+    proc = c4[1]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preflight: storage and tracking checked on 2 node(s)" in proc.stdout
     assert "View run" not in proc.stdout  # MLflow's per-run links against a server would bury the progress lines
@@ -148,6 +158,39 @@ def test_sweep_on_two_nodes_logs_to_the_server_and_packs_fractional_gpus(
     assert children["tags.hesstune.node_id"].nunique() == 2, "trials did not land on both nodes"
     gpu_ids = children["tags.hesstune.gpu_ids"]
     assert gpu_ids.isin(["0", "1"]).all(), gpu_ids.tolist()  # one logical GPU id each: a 0.5 share
+
+
+def test_export_register_to_the_server_gives_a_champion_that_predicts_as_the_export(
+    c4: tuple[Path, subprocess.CompletedProcess[str]], server: str, tmp_path: Path
+) -> None:
+    """``export --register`` against the http server: the model is logged on the sweep's parent
+    run through the server, and ``models:/c4-model@champion`` predicts as the exported weights."""
+    out, swept = c4
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    export = ["export", "c4", "--output", str(out), "-o", str(tmp_path / "best"), "--register", "c4-model"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuning.cli", *export],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import mlflow
+    import torch
+
+    from tuning.export import load_model
+
+    mlflow.set_tracking_uri(server)
+    version = mlflow.MlflowClient(server).get_model_version_by_alias("c4-model", "champion")
+    assert version.tags["criterion"] and version.tags["trial_id"]
+    exported = load_model(tmp_path / "best")
+    size = exported.preprocessing.image_size
+    x = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
+    registered = mlflow.pytorch.load_model("models:/c4-model@champion")
+    with torch.no_grad():
+        assert torch.equal(registered(x).argmax(1), exported.model(x).argmax(1))
+        assert torch.allclose(registered(x), exported.model(x), atol=1e-5)
 
 
 def test_sqlite_is_refused_on_a_cluster(cluster: str, tmp_path: Path) -> None:

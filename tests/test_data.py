@@ -293,3 +293,29 @@ def test_corrected_accuracy_inverts_symmetric_noise_and_is_unbiased_under_pair_n
             assert sum(f[y, j] * inv[j, h] for j in range(k)) == pytest.approx(float(h == y), abs=1e-12)
     assert corrected_accuracy(pred, noisy, None) == pytest.approx(noisy_acc)
     assert np.isnan(corrected_accuracy(pred, noisy, np.full((k, k), 1 / k)))  # singular F
+
+
+def test_preprocessing_is_the_imagefolder_loaders_normalisation(flat_folder: Path) -> None:
+    """What a model card records (task_preprocessing): an image file read as the loader reads it
+    and normalised by the recorded mean and std is exactly one of the task's images."""
+    from trainables.data import load_image, task_preprocessing
+
+    cfg = _task(f"imagefolder:{flat_folder}", noise=NoiseConfig(kind="none", rate=0.0))
+    pre = task_preprocessing(cfg)
+    assert pre.classes == (0, 1) and pre.names == ("cat", "dog") and pre.image_size == 8
+    x = pre.normalise(load_image(flat_folder / "dog" / "img3.png", 8)[None])
+    data = load_task(cfg)
+    assert data.val is not None
+    images = torch.cat([data.train.x, data.val.x, data.test.x])
+    assert float((images - x).abs().amax(dim=(1, 2, 3)).min()) < 1e-5
+
+
+def test_cifar_class_names_come_from_the_meta_file(cifar10_dir: Path) -> None:
+    from trainables.data import task_preprocessing
+
+    cfg = _task(f"cifar10:{cifar10_dir}", noise=NoiseConfig(kind="none", rate=0.0))
+    assert task_preprocessing(cfg).names == tuple(str(c) for c in range(10))  # no batches.meta: the ids
+    names = [f"class-{c}".encode() for c in range(10)]
+    _pickle(cifar10_dir / "cifar-10-batches-py" / "batches.meta", {b"label_names": names})
+    load_task.cache_clear()
+    assert task_preprocessing(cfg).names == tuple(n.decode() for n in names)

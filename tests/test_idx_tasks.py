@@ -181,3 +181,18 @@ def test_val_size_that_leaves_no_training_images(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="leave none"):
         load_task(_task(root, val_size=20))
     assert torch.is_tensor(load_task(_task(root, val_size=10, noise=CLEAN)).train.x)
+
+
+def test_preprocessing_turns_the_raw_test_images_into_the_tasks_tensors(tmp_path: Path) -> None:
+    """A model card's preprocessing (task_preprocessing) applied to the 8-bit test images of the
+    files gives the task's test tensors; Fashion-MNIST's target classes carry their names."""
+    from trainables.data import task_preprocessing
+
+    root = write_idx_folder(tmp_path / "d", train=60, test=30)
+    cfg = _task(root, kind="fashion-mnist", noise=CLEAN)
+    pre = task_preprocessing(cfg)
+    assert pre.classes == (5, 6, 7, 8, 9) and pre.names == ("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    assert pre.mean[0] == pre.mean[1] == pre.mean[2]  # one global mean, grey in three channels
+    raw, labels = read_idx_split(root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz")
+    x = torch.from_numpy(raw[labels >= 5]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    assert torch.allclose(pre.normalise(x), load_task(cfg).test.x, atol=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tuning import selection
 
@@ -220,6 +221,144 @@ def _exported_weights_reproduce_the_trial(folder: Path, chosen: pd.Series) -> No
     test = load_task(cfg.task).test
     accuracy = float((predict(model, test.x).argmax(1) == test.clean).float().mean())
     assert accuracy == pytest.approx(chosen["metrics.test_acc"], abs=1e-6)
+    # the same through tuning.export.load_model, whose predictions name the task's class ids
+    from tuning.export import load_model
+
+    loaded = load_model(folder)
+    assert not loaded.model.training
+    predicted = torch.tensor([p.class_id for p in loaded.predict(test.x)])
+    targets = torch.tensor(card["target_classes"])
+    assert float((predicted == targets[test.clean]).float().mean()) == pytest.approx(
+        chosen["metrics.test_acc"], abs=1e-6
+    )
+
+
+def _export(sweep: dict[str, object], env: dict[str, str], folder: Path, *extra: str) -> None:
+    proc = hesstune("export", SWEEP, "--output", str(sweep["out"]), "-o", str(folder), *extra, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _test_split(folder: Path):  # type: ignore[no-untyped-def]
+    from trainables.config import load_config
+    from trainables.data import load_task
+
+    return load_task(load_config(folder / "1.yaml").task).test
+
+
+def _write_pngs(folder: Path, x: torch.Tensor, card: dict[str, object]) -> list[Path]:
+    """The task's test images as a user would have them: 8-bit grey PNGs, before normalisation."""
+    from PIL import Image
+
+    pre = card["preprocessing"]
+    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)  # type: ignore[index]
+    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)  # type: ignore[index]
+    pixels = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    folder.mkdir()
+    paths = [folder / f"{i}.png" for i in range(len(x))]
+    for path, image in zip(paths, pixels, strict=True):
+        Image.fromarray(image[0].numpy()).save(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def exported(sweep: dict[str, object], cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sweep's rank-1 pick exported once, for the tests that only read it."""
+    folder = tmp_path_factory.mktemp("exported") / "best"
+    _export(sweep, cli_env, folder)
+    return folder
+
+
+def test_predict_reads_image_files_as_the_task_reads_its_images(
+    exported: Path, cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``hesstune predict`` on PNGs of test images (8-bit grey, as a user would have them) gives the
+    class the model gives on the task's own tensors, at the probability up to 8-bit rounding."""
+    from tuning.cli import main
+    from tuning.export import load_model
+
+    loaded = load_model(exported)
+    x = _test_split(exported).x[:8]
+    paths = _write_pngs(tmp_path / "png", x, loaded.card)
+    expected = loaded.predict(x)
+    assert loaded.probabilities(paths).sub(loaded.probabilities(x)).abs().max() < 0.01
+    proc = hesstune("predict", "--model", str(exported), *map(str, paths), env=cli_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(paths)
+    for line, path, p in zip(lines, paths, expected, strict=True):
+        where, label, probability = line.split("\t")
+        assert where == str(path) and label == f"{p.name} (class {p.class_id})", line
+        assert float(probability) == pytest.approx(p.probability, abs=0.01)
+    (tmp_path / "notes.png").write_text("not an image")
+    code = main(["predict", "--model", str(exported), str(paths[0]), str(tmp_path / "notes.png")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "notes.png" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_export_register_creates_a_champion_version_that_predicts_as_the_export(
+    sweep: dict[str, object], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``--register``: the rank-1 model logged on the sweep's parent run (artifacts under --output,
+    nothing written in the working directory), a new version with alias champion and the
+    selection's tags, and ``models:/NAME@champion`` predicting exactly as the exported weights."""
+    import mlflow
+
+    from tuning.export import load_model
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    proc = hesstune(
+        "export", SWEEP, "--output", str(sweep["out"]), "-o", str(tmp_path / "best"), "--register", "it4-model",
+        env=cli_env, cwd=elsewhere,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(elsewhere.iterdir()) == [], "export --register wrote outside --output"
+    children = _children(sweep)
+    chosen = children.loc[_val_band_bound_pick(children)]
+    client = mlflow.MlflowClient(str(sweep["uri"]))
+    version = client.get_model_version_by_alias("it4-model", "champion")
+    assert f"version {version.version} (alias champion)" in proc.stdout
+    assert (
+        version.tags["criterion"] == "val_band_bound" and version.tags["trial_id"] == chosen["tags.hesstune.trial_id"]
+    )
+    for key in ("bound", "measure", "val_acc"):
+        assert float(version.tags[key]) == pytest.approx(chosen[f"metrics.{key}"]), key
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == _parent(sweep)["run_id"].iloc[0]
+    assert logged.artifact_location.startswith((Path(sweep["out"]) / "mlartifacts").as_uri())  # type: ignore[arg-type]
+    mlflow.set_tracking_uri(str(sweep["uri"]))
+    registered = mlflow.pytorch.load_model("models:/it4-model@champion")
+    x = _test_split(tmp_path / "best").x
+    with torch.no_grad():
+        assert torch.equal(registered(x).argmax(1), load_model(tmp_path / "best").probabilities(x).argmax(1))
+        assert torch.allclose(registered(x), load_model(tmp_path / "best").model(x), atol=1e-5)
+
+
+def test_export_refit_trains_on_train_and_val_and_writes_refit_weights(
+    sweep: dict[str, object], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``--refit`` trains the rank-1 config on train ∪ val here (2 epochs of the smoke config),
+    printing each epoch, and the card lists the refit weights with their train metrics and a
+    clean test accuracy that loading them reproduces."""
+    from tuning.export import load_model
+
+    proc = hesstune(
+        "export", SWEEP, "--output", str(sweep["out"]), "-o", str(tmp_path / "refit"), "--refit", env=cli_env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refit rank 1: epoch 1/2" in proc.stdout and "refit rank 1: epoch 2/2" in proc.stdout
+    assert "merge_val: true" in (tmp_path / "refit" / "1.yaml").read_text()
+    card = json.loads((tmp_path / "refit" / "1.card.json").read_text())
+    refit = card["refit"]
+    assert refit["weights"] == "1.refit.safetensors" and (tmp_path / "refit" / "1.refit.safetensors").is_file()
+    assert refit["epoch"] == 2 and "no validation split" in refit["note"]
+    assert set(refit["metrics"]) == {"train_loss", "train_acc", "test_acc", "n_train"}
+    children = _children(sweep)
+    assert refit["metrics"]["n_train"] > children["metrics.xtra/n_train"].iloc[0]  # train ∪ val
+    loaded = load_model(tmp_path / "refit", refit=True)
+    test = _test_split(tmp_path / "refit")
+    accuracy = float((loaded.probabilities(test.x).argmax(1) == test.clean).float().mean())
+    assert accuracy == pytest.approx(refit["metrics"]["test_acc"], abs=1e-6)
 
 
 def test_report_command(sweep: dict[str, object], cli_env: dict[str, str]) -> None:

@@ -32,13 +32,16 @@ from trainables.noise import apply_noise, empirical_transition, pair_transition,
 
 __all__ = [
     "FASHION_MNIST_DIR",
+    "Preprocessing",
     "SourceData",
     "Split",
     "TaskData",
     "class_layout",
+    "load_image",
     "load_source_task",
     "load_task",
     "task_names",
+    "task_preprocessing",
 ]
 
 # where Debian's dataset-fashion-mnist package installs the four IDX files (``fashion-mnist`` alone)
@@ -63,6 +66,29 @@ class Split:
         return self.labels != self.clean
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model trained on a task expects of an image, and what its outputs mean: enough to
+    use the model without the data set (the model card records it, docs/design.md).
+
+    An image file becomes a model input as :func:`load_image` reads it (RGB, values / 255, the
+    shorter side resized to ``image_size``, a centre square), then ``(x − mean) / std`` per
+    channel. ``classes[i]`` is the task's class id of output ``i``, ``names[i]`` its name."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    normalisation: str  # how the task computed mean and std
+    classes: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x − mean) / std`` for images [N, 3, H, W] with values in [0, 1]."""
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
 @dataclass
 class TaskData:
     train: Split
@@ -73,6 +99,7 @@ class TaskData:
     # F[j, k] = P(noisy = k | clean = j) of the noise hesstune injected; None without injected
     # noise. Training and selection read the run's F (trainables.transition), never this directly.
     transition: np.ndarray | None
+    preprocessing: Preprocessing | None = None  # None for tasks built in memory (tests, benchmarks)
 
     @property
     def realised_noise(self) -> float:
@@ -88,23 +115,55 @@ class _Pool:
     num_classes: int
     test_x: torch.Tensor | None = None
     test_y: np.ndarray | None = None
+    # the normalisation applied to x and test_x (per channel) and how it was computed
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    normalisation: str = ""
+    names: tuple[str, ...] = ()  # a name per class id; the id itself where the task has none
 
 
 # -- sources ------------------------------------------------------------------------------------
-def _digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+def _digits_images(image_size: int) -> tuple[torch.Tensor, np.ndarray, float, float]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = x.repeat(1, 3, 1, 1)
-    x = (x - x.mean()) / x.std()  # global standardisation, the same for source and target
-    return x, digits.target.astype(np.int64)
+    mean, std = x.mean(), x.std()
+    x = (x - mean) / std  # global standardisation, the same for source and target
+    return x, digits.target.astype(np.int64), float(mean), float(std)
 
 
 def _digits(_: str, cfg: TaskConfig) -> _Pool:
-    x, y = _digits_images(cfg.image_size)
-    return _Pool(x, y, 10)
+    x, y, mean, std = _digits_images(cfg.image_size)
+    how = "one global mean and std of all digits images (sklearn's 0–16 values / 16), grey in 3 channels"
+    return _Pool(x, y, 10, mean=_rgb(mean), std=_rgb(std), normalisation=how, names=_ids(10))
+
+
+def _rgb(value: float | Sequence[float]) -> tuple[float, float, float]:
+    """A per-channel triple: one global value repeated, or three channel values."""
+    a, b, c = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    return a, b, c
+
+
+def _ids(n: int) -> tuple[str, ...]:
+    return tuple(str(c) for c in range(n))
+
+
+# names of the classes of the IDX data sets (the files carry none)
+FASHION_MNIST_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,7 +183,18 @@ def _idx_pool(root: Path, kind: str, image_size: int) -> _Pool:
     train, test = images(x), images(tx)
     mean, std = train.mean(), train.std().clamp_min(1e-6)
     rgb = (-1, 3, -1, -1)  # a view: one channel's memory for timm's three input channels
-    return _Pool(((train - mean) / std).expand(rgb), y, num_classes, ((test - mean) / std).expand(rgb), ty)
+    names = FASHION_MNIST_NAMES if kind == "fashion-mnist" and num_classes == 10 else _ids(num_classes)
+    return _Pool(
+        ((train - mean) / std).expand(rgb),
+        y,
+        num_classes,
+        ((test - mean) / std).expand(rgb),
+        ty,
+        mean=_rgb(float(mean)),
+        std=_rgb(float(std)),
+        normalisation="one global mean and std of the training images (grey, repeated in 3 channels)",
+        names=names,
+    )
 
 
 # IDX tasks usable without a path, and the folder they then read
@@ -146,7 +216,8 @@ def _idx(kind: str) -> Callable[[str, TaskConfig], _Pool]:
     return load
 
 
-def _load_image(path: Path, image_size: int) -> torch.Tensor:
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """An image file as the ``imagefolder`` task reads it: RGB [3, S, S], values in [0, 1]."""
     from PIL import Image
     from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
@@ -162,7 +233,7 @@ def _folder_images(root: Path, classes: list[str], image_size: int) -> tuple[tor
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ConfigError(f"class folder {str(root / name)!r} holds no images: remove it or add images")
-        images += [_load_image(p, image_size) for p in files]
+        images += [load_image(p, image_size) for p in files]
         labels += [label] * len(files)
     return torch.stack(images), np.array(labels, dtype=np.int64)
 
@@ -181,10 +252,10 @@ def _imagefolder(path: str, cfg: TaskConfig) -> _Pool:
         classes = _class_dirs(root / "train")
         x, y = _folder_images(root / "train", classes, cfg.image_size)
         tx, ty = _folder_images(root / "test", classes, cfg.image_size)
-        return _normalised(_Pool(x, y, len(classes), tx, ty))
+        return _normalised(_Pool(x, y, len(classes), tx, ty, names=tuple(classes)))
     classes = _class_dirs(root)
     x, y = _folder_images(root, classes, cfg.image_size)
-    return _normalised(_Pool(x, y, len(classes)))
+    return _normalised(_Pool(x, y, len(classes), names=tuple(classes)))
 
 
 def _cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[torch.Tensor, np.ndarray]:
@@ -197,12 +268,23 @@ def _cifar_batches(root: Path, files: list[str], label_key: bytes) -> tuple[torc
     return torch.from_numpy(np.concatenate(data)).float() / 255.0, np.concatenate(labels)
 
 
+def _cifar_names(path: Path, key: bytes, num_classes: int) -> tuple[str, ...]:
+    """Class names from the data set's meta file; the class ids where it is absent or unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            names = [n.decode() for n in pickle.load(fh, encoding="bytes")[key]]
+    except (OSError, KeyError, TypeError, AttributeError, pickle.UnpicklingError):
+        return _ids(num_classes)
+    return tuple(names) if len(names) == num_classes else _ids(num_classes)
+
+
 def _cifar(num_classes: int) -> Callable[[str, TaskConfig], _Pool]:
     sub, train, test, key = (
         ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels")
         if num_classes == 10
         else ("cifar-100-python", ["train"], ["test"], b"fine_labels")
     )
+    meta, names_key = ("batches.meta", b"label_names") if num_classes == 10 else ("meta", b"fine_label_names")
 
     def load(path: str, cfg: TaskConfig) -> _Pool:
         root = _existing_dir(path, f"cifar{num_classes}")
@@ -216,6 +298,7 @@ def _cifar(num_classes: int) -> Callable[[str, TaskConfig], _Pool]:
         x, y = _cifar_batches(root, train, key)
         tx, ty = _cifar_batches(root, test, key)
         pool = _Pool(_resize(x, cfg.image_size), y, num_classes, _resize(tx, cfg.image_size), ty)
+        pool.names = _cifar_names(root / meta, names_key, num_classes)
         return _normalised(pool)
 
     return load
@@ -256,6 +339,9 @@ def _normalised(pool: _Pool) -> _Pool:
     pool.x = (pool.x - mean) / std
     if pool.test_x is not None:
         pool.test_x = (pool.test_x - mean) / std
+    pool.mean, pool.std = _rgb(mean.flatten().tolist()), _rgb(std.flatten().tolist())
+    pool.normalisation = "per-channel mean and std of the training pool"
+    pool.names = pool.names or _ids(pool.num_classes)
     return pool
 
 
@@ -357,13 +443,24 @@ def load_task(cfg: TaskConfig) -> TaskData:
     """
     cfg.validate()
     kind, path = parse_task_name(cfg.name)
-    pool = _TASKS[kind](path, cfg)
-    _, target = class_layout(cfg, pool.num_classes)
-    pool = _restrict(pool, target, "target", cfg.name)
+    full = _TASKS[kind](path, cfg)
+    _, target = class_layout(cfg, full.num_classes)
+    pool = _restrict(full, target, "target", cfg.name)
     rng = np.random.default_rng(cfg.split_seed)
     parts = _split_indices(pool, cfg, rng)
     weak = _weak_scores(pool, cfg, rng) if cfg.noise.kind == "correlated" else None
-    return _assemble(pool, parts, cfg, rng, weak)
+    data = _assemble(pool, parts, cfg, rng, weak)
+    names = tuple(full.names[c] if full.names else str(c) for c in target)
+    data.preprocessing = Preprocessing(cfg.image_size, full.mean, full.std, full.normalisation, target, names)
+    return data
+
+
+def task_preprocessing(cfg: TaskConfig) -> Preprocessing:
+    """The preprocessing and class meaning of a task's model inputs and outputs, with the numbers
+    the task's loader computed (:func:`load_task`, cached)."""
+    preprocessing = load_task(cfg).preprocessing
+    assert preprocessing is not None  # load_task always sets it
+    return preprocessing
 
 
 def _split_indices(pool: _Pool, cfg: TaskConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -52,6 +52,10 @@ __all__ = [
 DEFAULT_OUTPUT = "hesstune_runs"
 
 
+def _quiet(_: str) -> None:
+    """Progress lines nobody asked to see."""
+
+
 class UsageError(HesstuneError):
     """Bad input to a command or API call; the message names the value and the fix."""
 
@@ -163,6 +167,21 @@ def sweep_options(
     )
 
 
+def check_export(folder: str | Path, *, top: int = 1, register: str | None = None) -> Path:
+    """The export folder, resolved, once the input needing no sweep is checked: ``top``, a folder
+    that is not a file, a model name MLflow accepts."""
+    from tuning.export import check_registered_model_name
+
+    if top < 1:
+        raise UsageError(f"--top {top} must be ≥ 1")
+    target = Path(folder).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"-o {str(target)!r} is a file: give a folder")
+    if register is not None:
+        check_registered_model_name(register)
+    return target
+
+
 # -- sweeps --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sweep:
@@ -232,10 +251,7 @@ class Sweep:
     def select(self, criterion: str | None = None) -> pd.Series:
         """The trial ``criterion`` picks (default: the recommended one), as a row of :meth:`trials`."""
         table = self._finished()
-        chosen = self.criterion(criterion, table=table)
-        if selection.get_criterion(chosen).evaluation_only:
-            raise UsageError(f"--criterion {chosen} uses clean test labels: it is for evaluation, not for a choice")
-        trial_id = selection.select(table, chosen)
+        trial_id = selection.select(table, self._for_selection(criterion, table))
         return table.set_index("trial_id").loc[trial_id]
 
     def report(self, criterion: str | None = None, *, top: int = 10) -> str:
@@ -252,22 +268,61 @@ class Sweep:
         return load_study(self.output, self.name)
 
     def export(
-        self, folder: str | Path, *, top: int = 1, criterion: str | None = None, refit: bool = False
+        self,
+        folder: str | Path,
+        *,
+        top: int = 1,
+        criterion: str | None = None,
+        refit: bool = False,
+        register: str | None = None,
+        log: Callable[[str], None] = _quiet,
     ) -> list[Path]:
-        """Write the ``top`` trials by ``criterion``: configs, final weights and model cards
-        (``hesstune export``). Returns the paths written."""
-        from tuning.report import export_configs
+        """Write the ``top`` trials by ``criterion`` (default: the recommended one): per rank r its
+        config ``r.yaml``, final weights ``r.safetensors`` and model card ``r.card.json``
+        (``hesstune export``); ``refit`` also trains each on train ∪ val (``r.refit.safetensors``).
+        ``register``: the checks :meth:`register` needs are made before anything is written.
+        Returns the paths written."""
+        from tuning.export import export_configs, final_checkpoint
 
-        if top < 1:
-            raise UsageError(f"--top {top} must be ≥ 1")
-        target = Path(folder).expanduser().resolve()
-        if target.exists() and not target.is_dir():
-            raise UsageError(f"-o {str(target)!r} is a file: give a folder for the exported models")
+        target = check_export(folder, top=top, register=register)
         table = self._finished()
+        chosen = self._for_selection(criterion, table)
+        best = selection.rank(table, chosen)[0]
+        if register is not None and not refit and final_checkpoint(self.folder, best) is None:
+            raise UsageError(
+                f"--register: the rank-1 trial {best} has no checkpoint under {self.folder} to register; "
+                "add --refit to train and register its refit"
+            )
+        return export_configs(table, chosen, top, target, refit=refit, trials_dir=self.folder, sweep=self.name, log=log)
+
+    def register(
+        self,
+        model_name: str,
+        *,
+        folder: str | Path | None = None,
+        criterion: str | None = None,
+        refit: bool = False,
+        log: Callable[[str], None] = _quiet,
+    ) -> str:
+        """Register the pick (rank 1 by ``criterion``) in the MLflow Model Registry as a new version
+        of ``model_name`` with the alias ``champion``, logged on the sweep's parent run, and return
+        the version. ``folder``: an export of this sweep made by :meth:`export`; without one the
+        pick is exported to a temporary folder first."""
+        import tempfile
+
+        from tuning.export import register_model
+
+        if folder is not None:
+            return register_model(self.tracking_uri, self.parent_run_id, folder, model_name, refit=refit)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.export(tmp, criterion=criterion, refit=refit, register=model_name, log=log)
+            return register_model(self.tracking_uri, self.parent_run_id, tmp, model_name, refit=refit)
+
+    def _for_selection(self, criterion: str | None, table: pd.DataFrame) -> str:
         chosen = self.criterion(criterion, table=table)
         if selection.get_criterion(chosen).evaluation_only:
-            raise UsageError(f"--criterion {chosen} uses clean test labels: it is for evaluation, not for exporting")
-        return export_configs(table, chosen, top, target, refit=refit, trials_dir=self.folder, sweep=self.name)
+            raise UsageError(f"--criterion {chosen} uses clean test labels: it is for evaluation, not for a choice")
+        return chosen
 
     def _finished(self) -> pd.DataFrame:
         table = self.trials()

@@ -152,6 +152,10 @@ def _sweep_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.register is not None:  # refused before the sweep runs, not after
+        from tuning.export import check_registered_model_name
+
+        check_registered_model_name(args.register)
     if args.resume:  # --trials above the sweep's total extends it
         done = api.open_sweep(args.resume, _output(args), flag="--resume").resume(args.trials)
     else:
@@ -159,6 +163,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print(done.report())
     print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
+    if args.register is not None:
+        _registered(args.register, done.register(args.register), done.parent_run_id)
     _where_to_look(done.tracking_uri, done.name, done.experiment_id, done.output)
     return 0
 
@@ -175,11 +181,6 @@ def _where_to_look(uri: str, name: str, exp_id: str, output: Path) -> None:
 
 
 # -- report / export --------------------------------------------------------------------------------
-def _sweep_record(args: argparse.Namespace) -> tuple[str, str, str, str | None]:
-    done = _recorded_sweep(args)
-    return done.tracking_uri, done.experiment_id, done.parent_run_id, args.criterion
-
-
 def _recorded_sweep(args: argparse.Namespace) -> api.Sweep:
     """The sweep named on the command line, read from ``--tracking-uri`` when given."""
     done = api.open_sweep(args.name, _output(args))
@@ -194,40 +195,49 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuning import selection
-    from tuning.report import export_configs, finished_trials
-
-    if args.top < 1:
-        raise UsageError(f"--top {args.top} must be ≥ 1")
-    uri, exp_id, parent_id, criterion = _sweep_record(args)
-    if criterion:
-        _check_criterion(criterion, for_selection=True)
-    table = finished_trials(uri, exp_id, parent_id)
-    if table.empty:
-        raise UsageError(f"sweep {args.name!r} has no finished trial to export")
-    criterion = criterion or selection.recommended_criterion(table)
-    from tuning.sweep import SweepPaths
-
-    trials_dir = SweepPaths(_output(args).resolve(), args.name).experiment
-    folder = Path(args.o).expanduser().resolve()
-    paths = export_configs(table, criterion, args.top, folder, refit=args.refit, trials_dir=trials_dir, sweep=args.name)
+    folder = api.check_export(args.o, top=args.top, register=args.register)  # before the sweep is read
+    done = _recorded_sweep(args)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    paths = done.export(
+        folder, top=args.top, criterion=args.criterion, refit=args.refit, register=args.register, log=log
+    )
     for path in paths:
         hint = {
             ".yaml": f"  (replay: hesstune train --config {path})",
-            ".json": "  (model card: what was picked, why, how to load it)",
+            ".json": "  (model card: what was picked, why, how to load and use it)",
         }
         print(f"wrote {path}{hint.get(path.suffix, '')}")
     if not any(p.suffix == ".safetensors" for p in paths):
-        print(f"no trial checkpoint under {trials_dir}: configs only (replay them with hesstune train)")
+        print(f"no trial checkpoint under {done.folder}: configs only (replay them with hesstune train)")
+    if args.register is not None:
+        _registered(args.register, done.register(args.register, folder=folder, refit=args.refit), done.parent_run_id)
     return 0
 
 
-def _check_criterion(name: str, *, for_selection: bool = False) -> None:
+def _registered(name: str, version: str, parent_id: str) -> None:
+    print(
+        f"registered {name} version {version} (alias champion) from rank 1, logged on the sweep's "
+        f"parent run {parent_id}: mlflow.pytorch.load_model('models:/{name}@champion')"
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tuning.export import load_model
+
+    loaded = load_model(args.model, rank=args.rank, refit=args.refit)
+    x = loaded.read_images(args.images)  # every image read before anything is printed
+    for path, p in zip(args.images, loaded.predict(x), strict=True):
+        print(f"{path}\t{p.name} (class {p.class_id})\t{p.probability:.4f}")
+    return 0
+
+
+def _check_criterion(name: str) -> None:
     from tuning import selection
 
-    crit = selection.get_criterion(name)
-    if for_selection and crit.evaluation_only:
-        raise UsageError(f"--criterion {name} uses clean test labels: it is for evaluation, not for exporting a choice")
+    try:
+        selection.get_criterion(name)
+    except ValueError as exc:
+        raise UsageError(f"--criterion {name}: {exc}") from None
 
 
 # -- server --------------------------------------------------------------------------------------------
@@ -348,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="sweep name (= MLflow experiment); default <task>-<space>-<time>")
     s.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: a local Ray")
     s.add_argument(
+        "--register",
+        metavar="MODEL_NAME",
+        help="at the end, register the pick (rank 1 by the recommended criterion) in the MLflow Model Registry "
+        "as a new version of MODEL_NAME with the alias champion (default: none)",
+    )
+    s.add_argument(
         "--resume", metavar="NAME", help="continue an interrupted sweep (with --trials N: extend a finished one)"
     )
     s.add_argument("--max-failures", type=int, default=1, help="retries per trial from its last checkpoint (default 1)")
@@ -377,8 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top", type=int, default=top, help=f"how many trials (default {top})")
         if cmd == "export":
             p.add_argument("-o", required=True, metavar="DIR", help="folder for 1.yaml, 2.yaml, …")
-            p.add_argument("--refit", action="store_true", help="train the chosen configs on train ∪ val")
+            p.add_argument(
+                "--refit",
+                action="store_true",
+                help="train the chosen configs on train ∪ val here (r.refit.safetensors) and make r.yaml do so",
+            )
+            p.add_argument(
+                "--register",
+                metavar="MODEL_NAME",
+                help="log the rank-1 model on the sweep's parent run and register it as a new version of "
+                "MODEL_NAME in the MLflow Model Registry, alias champion (with --refit: the refit weights)",
+            )
         p.set_defaults(func=cmd_report if cmd == "report" else cmd_export)
+
+    r = sub.add_parser("predict", help="classify image files with an exported model (one line per image)")
+    r.add_argument("--model", required=True, metavar="DIR", help="a folder written by hesstune export -o DIR")
+    r.add_argument("--rank", type=int, default=1, help="which exported model (default 1)")
+    r.add_argument("--refit", action="store_true", help="use its refit weights (export --refit)")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, …; grey or colour)")
+    r.set_defaults(func=cmd_predict)
 
     t = sub.add_parser(
         "train",
@@ -412,6 +445,8 @@ def _process_environment() -> None:
     # against an http server MLflow prints "View run … / View experiment …" whenever a run ends, once
     # per trial, burying the progress lines; the sweep prints where to look at its end instead
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # export --register downloads a one-file model to check it: no progress bars among its lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

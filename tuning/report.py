@@ -1,4 +1,4 @@
-"""Sweep results read back from MLflow: leaderboard, correlation table, plots, exported configs."""
+"""Sweep results read back from MLflow: leaderboard, correlation table, plots (exports: tuning.export)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from tuning.tracking import TRIAL_TAG, child_runs, metric_name, text_from_tags
 
 __all__ = [
     "config_from_params",
-    "export_configs",
     "finished_trials",
     "format_report",
     "noise_case",
@@ -246,119 +245,11 @@ def _has(table: pd.DataFrame, criterion: str) -> bool:
     return metric in table and bool(_finite(table[metric]).any())
 
 
-def export_configs(
-    table: pd.DataFrame,
-    criterion: str,
-    top: int,
-    folder: Path,
-    *,
-    refit: bool = False,
-    trials_dir: Path | None = None,
-    sweep: str = "",
-) -> list[Path]:
-    """Write the ``top`` trials by ``criterion``: per rank r, the replayable config ``r.yaml``
-    and, when ``trials_dir`` (the sweep's Ray experiment folder) holds the trial's final
-    checkpoint, its weights ``r.safetensors`` (no retraining) and a model card ``r.card.json``
-    (what was picked, why, and how to load it). Returns the paths written.
-
-    ``refit`` trains the chosen config on train ∪ validation (``task.merge_val``): the final fit
-    that delivered the best clean accuracy without a validation split under symmetric noise
-    (docs/results.md); the weights exported are still the trial's own.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    by_id = {row["trial_id"]: row for _, row in table.iterrows()}
-    paths = []
-    for rank, trial_id in enumerate(selection.rank(table, criterion)[:top], start=1):
-        cfg = config_from_params(by_id[trial_id]["params"])
-        replay = cfg.replace(**{"task.merge_val": True}) if refit else cfg
-        header = f"# hesstune export: rank {rank} by {criterion}, trial {trial_id}" + (
-            " (refit on train ∪ val)" if refit else ""
-        )
-        path = folder / f"{rank}.yaml"
-        path.write_text(header + "\n" + replay.to_yaml())
-        paths.append(path)
-        state = _final_state(trials_dir, trial_id) if trials_dir is not None else None
-        if state is not None:
-            paths += _write_model(folder, rank, cfg, state, by_id[trial_id], criterion, sweep)
-    return paths
-
-
-def _final_state(trials_dir: Path, trial_id: str) -> dict[str, Any] | None:
-    """The trial's last checkpoint (Ray keeps one per trial), read weights-only; None if absent."""
-    import torch
-
-    from trainables.trainable import STATE_FILE
-
-    checkpoints = sorted((trials_dir / f"trial_{trial_id}").glob(f"checkpoint_*/{STATE_FILE}"))
-    if not checkpoints:
-        return None
-    return dict(torch.load(checkpoints[-1], map_location="cpu", weights_only=True))
-
-
-CARD_METRICS = (
-    "bound",
-    "measure",
-    "val_acc",
-    "val_band_bound",
-    "val_acc_clean",
-    "val_loss",
-    "train_acc",
-    "f_noise_rate",
-    "f_structure",
-    "test_acc",
-)
-
-
-def _write_model(
-    folder: Path, rank: int, cfg: RunConfig, state: dict[str, Any], row: pd.Series, criterion: str, sweep: str
-) -> list[Path]:
-    import json
-
-    from safetensors.torch import save_file
-
-    weights = {k: v.detach().contiguous() for k, v in state["model"].items()}
-    head = _head_weight(cfg.model.name, weights)
-    path = folder / f"{rank}.safetensors"
-    save_file(weights, str(path), metadata={"model": cfg.model.name, "trial_id": str(row["trial_id"])})
-    metrics = {m: float(row[m]) for m in CARD_METRICS if m in row and pd.notna(row[m])}
-    card = {
-        "sweep": sweep,
-        "trial_id": str(row["trial_id"]),
-        "rank": rank,
-        "criterion": criterion,
-        "why": selection.get_criterion(criterion).description,
-        "metrics": metrics,
-        "metrics_note": "test_acc is the clean test accuracy, for evaluation; no selection criterion reads it",
-        "epoch": int(state.get("epoch", 0)),
-        "model": cfg.model.name,
-        "num_classes": int(weights[head].shape[0]),
-        "task": cfg.task.name,
-        "target_classes": list(cfg.task.target_classes) if cfg.task.target_classes is not None else "task default",
-        "image_size": cfg.task.image_size,
-        "config": f"{rank}.yaml",
-        "load": (
-            f"model = timm.create_model({cfg.model.name!r}, num_classes={int(weights[head].shape[0])}); "
-            f"model.load_state_dict(safetensors.torch.load_file({path.name!r})); model.eval()"
-        ),
-    }
-    card_path = folder / f"{rank}.card.json"
-    card_path.write_text(json.dumps(card, indent=1) + "\n")
-    return [path, card_path]
-
-
-def _head_weight(model_name: str, weights: dict[str, Any]) -> str:
-    """Key of the classifier head's weight in the state dict (timm's ``classifier`` entry)."""
-    import timm
-
-    from trainables.models import head_names
-
-    name = head_names(timm.create_model(model_name, pretrained=False, num_classes=2))[0] + ".weight"
-    return name if name in weights else next(k for k in reversed(list(weights)) if k.endswith(".weight"))
-
-
 def write_artifacts(table: pd.DataFrame, folder: Path, *, criterion: str, objective: str = "") -> None:
     """Leaderboard CSV, measure-vs-gap scatter, per-layer distance plot and the best configs; for
     a multi-objective ``objective``, the Pareto front as ``pareto_front.csv`` and a plot."""
+    from tuning.export import export_configs
+
     folder.mkdir(parents=True, exist_ok=True)
     selection.leaderboard(table, criterion).to_csv(folder / "leaderboard.csv", index=False)
     table.drop(columns=["params"]).to_csv(folder / "trials.csv", index=False)
