@@ -380,12 +380,14 @@ def test_train_with_no_arguments_gives_the_model_the_readme_promises(cli_env: di
 
 # -- the Optuna study: warm start, two objectives, extension ----------------------------------------
 MO_SWEEP = "mo"
+MO_MODEL = "mo-champion"
 
 
 @pytest.fixture(scope="module")
 def mo_sweep(sweep: dict[str, object], cli_env: dict[str, str]) -> dict[str, object]:
     """A second sweep in the same --output: warm-started from ``it4``, searching val_acc and bound
-    together, 4 trials; then extended to 6 with ``--resume mo --trials 6``."""
+    together, 4 trials; then extended to 6 with ``--resume mo --trials 6``, which registers its
+    pick at the end (``--register``)."""
     out = str(sweep["out"])
     common = ["--output", out, "--set", "measure.samples=96", "--set", "measure.eigen_samples=32"]
     first = hesstune(
@@ -393,7 +395,9 @@ def mo_sweep(sweep: dict[str, object], cli_env: dict[str, str]) -> dict[str, obj
         "--noise", "pair:0.4", "--warm-start", SWEEP, "--objective", "val_acc,bound", *common, env=cli_env,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
-    second = hesstune("sweep", "--resume", MO_SWEEP, "--trials", "6", "--output", out, env=cli_env)
+    second = hesstune(
+        "sweep", "--resume", MO_SWEEP, "--trials", "6", "--output", out, "--register", MO_MODEL, env=cli_env
+    )
     assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
     import mlflow
 
@@ -466,3 +470,18 @@ def test_multi_objective_report_and_artifact_hold_the_non_dominated_trials(mo_sw
     assert report.startswith(f": {len(front)} of 6 trials")
     listed = report.split("\n\n")[0].splitlines()[2:]
     assert {line.split()[0] for line in listed} == front
+
+
+def test_sweep_register_puts_the_pick_of_all_trials_in_the_registry(mo_sweep: dict[str, object]) -> None:
+    """``sweep --register`` at the end of the extension: the champion is the pick over all 6 trials."""
+    import mlflow
+
+    from tuning.report import finished_trials
+
+    parent = _parent(mo_sweep)
+    table = finished_trials(mlflow.get_tracking_uri(), parent["experiment_id"].iloc[0], parent["run_id"].iloc[0])
+    assert len(table) == 6
+    pick = selection.select(table, selection.recommended_criterion(table))
+    version = mlflow.MlflowClient().get_model_version_by_alias(MO_MODEL, "champion")
+    assert version.tags["trial_id"] == pick and version.tags["sweep"] == MO_SWEEP
+    assert f"registered {MO_MODEL} version {version.version} (alias champion)" in str(mo_sweep["second"])
