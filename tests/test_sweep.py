@@ -403,7 +403,7 @@ def mo_sweep(sweep: dict[str, object], cli_env: dict[str, str]) -> dict[str, obj
 
     mlflow.set_tracking_uri(str(sweep["uri"]))
     runs = mlflow.search_runs(experiment_names=[MO_SWEEP])
-    return {"out": sweep["out"], "runs": runs, "first": first.stdout, "second": second.stdout}
+    return {"out": sweep["out"], "uri": sweep["uri"], "runs": runs, "first": first.stdout, "second": second.stdout}
 
 
 def test_warm_start_tries_the_earlier_sweeps_best_configs_first(
@@ -478,10 +478,10 @@ def test_sweep_register_puts_the_pick_of_all_trials_in_the_registry(mo_sweep: di
 
     from tuning.report import finished_trials
 
-    parent = _parent(mo_sweep)
-    table = finished_trials(mlflow.get_tracking_uri(), parent["experiment_id"].iloc[0], parent["run_id"].iloc[0])
+    uri, parent = str(mo_sweep["uri"]), _parent(mo_sweep)
+    table = finished_trials(uri, parent["experiment_id"].iloc[0], parent["run_id"].iloc[0])
     assert len(table) == 6
     pick = selection.select(table, selection.recommended_criterion(table))
-    version = mlflow.MlflowClient().get_model_version_by_alias(MO_MODEL, "champion")
+    version = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(MO_MODEL, "champion")
     assert version.tags["trial_id"] == pick and version.tags["sweep"] == MO_SWEEP
     assert f"registered {MO_MODEL} version {version.version} (alias champion)" in str(mo_sweep["second"])
