@@ -390,6 +390,7 @@ def mo_sweep(sweep: dict[str, object], cli_env: dict[str, str]) -> dict[str, obj
     pick at the end (``--register``)."""
     out = str(sweep["out"])
     common = ["--output", out, "--set", "measure.samples=96", "--set", "measure.eigen_samples=32"]
+    common += ["--optuna-storage", f"sqlite:///{sweep['out']}/optuna.db"]  # an RDB; it4 has the default journal
     first = hesstune(
         "sweep", "--space", "smoke", "--trials", "4", "--epochs", "1", "--name", MO_SWEEP, "--seed", "5",
         "--noise", "pair:0.4", "--warm-start", SWEEP, "--objective", "val_acc,bound", *common, env=cli_env,
@@ -436,11 +437,17 @@ def test_extending_a_sweep_adds_trials_to_the_same_study_and_parent_run(mo_sweep
     assert sorted(children["tags.hesstune.trial_index"].astype(int)) == list(range(6))
     assert parent["metrics.n_trials"].iloc[0] == 6 and parent["status"].iloc[0] == "FINISHED"
     out = Path(mo_sweep["out"])  # type: ignore[arg-type]
-    study = optuna.load_study(study_name=MO_SWEEP, storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out / "ray_results" / MO_SWEEP / "optuna.journal"))
-    ))  # fmt: skip
+    study = optuna.load_study(study_name=MO_SWEEP, storage=f"sqlite:///{out}/optuna.db")  # --optuna-storage
     assert len(study.trials) == 6 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
     assert len(load_study(out, MO_SWEEP).trials) == 6
+    assert not (out / "ray_results" / MO_SWEEP / "optuna.journal").exists()
+    journal = optuna.storages.JournalStorage(  # the default: a journal file in the sweep's folder
+        optuna.storages.journal.JournalFileBackend(str(out / "ray_results" / SWEEP / "optuna.journal"))
+    )
+    first = optuna.load_study(study_name=SWEEP, storage=journal)
+    assert [t.number for t in first.trials] == [0, 1, 2, 3] and first.directions == [
+        optuna.study.StudyDirection.MINIMIZE  # it4's objective: bound
+    ]
     by_index = children.set_index(children["tags.hesstune.trial_index"].astype(int))
     for trial in study.trials:  # the study's values are the runs' final val_acc and bound
         assert trial.values == pytest.approx(
