@@ -404,3 +404,27 @@ def test_evaluating_only_some_epochs_trains_the_same_model(task: TaskData) -> No
         assert untimed == pytest.approx(
             {k: v for k, v in some[i].metrics.items() if k not in TIMING}, rel=0, abs=0, nan_ok=True
         )
+
+
+def test_checkpoint_state_is_checked_against_its_checksum(tmp_path: Path) -> None:
+    """What a resumed trial reads: an intact state, or None and the reason (trainables.trainable)."""
+    from trainables.trainable import CHECKSUM_FILE, STATE_FILE, read_state, write_state
+
+    state = {"epoch": 3, "model": {"w": torch.arange(6.0)}}
+    write_state(state, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKSUM_FILE, STATE_FILE])  # no temporary left
+    read, problem = read_state(tmp_path)
+    assert (
+        read is not None and problem == "" and read["epoch"] == 3 and torch.equal(read["model"]["w"], torch.arange(6.0))
+    )
+    data = (tmp_path / STATE_FILE).read_bytes()
+    (tmp_path / STATE_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
+    assert read_state(tmp_path) == (None, f"damaged ({STATE_FILE} does not match its checksum)")
+    (tmp_path / STATE_FILE).write_bytes(data[:100])  # cut short, and no checksum (older checkpoints)
+    (tmp_path / CHECKSUM_FILE).unlink()
+    read, problem = read_state(tmp_path)
+    assert read is None and problem.startswith("unreadable (")
+    (tmp_path / STATE_FILE).write_bytes(data)  # intact, no checksum: read as it is
+    assert read_state(tmp_path)[0] is not None
+    (tmp_path / STATE_FILE).unlink()
+    assert read_state(tmp_path)[1].startswith("unreadable (")

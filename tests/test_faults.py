@@ -120,15 +120,26 @@ def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path:
     assert "FAILED" in proc.stdout and parent["status"].iloc[0] == "FINISHED"
 
 
-def test_a_trial_that_raises_is_retried_from_its_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:
+def test_a_trial_that_raises_with_a_damaged_checkpoint_falls_back_to_the_one_before(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Each trial truncates its newest checkpoint (epoch 2's, as a write cut short would) and
+    raises; the retry finds it does not match its checksum, resumes from epoch 1's, and says so."""
     out = tmp_path / "out"
-    env = {**env, "HESSTUNE_FAULT": "raise-once@2", "HESSTUNE_FAULT_DIR": str(tmp_path)}
+    env = {**env, "HESSTUNE_FAULT": "corrupt-once@2", "HESSTUNE_FAULT_DIR": str(tmp_path)}
     run_sweep(env, out, "retry", "--space", "smoke", "--trials", "2", "--epochs", "3", "--max-failures", "1")
     assert len(list(tmp_path.glob("fault-*"))) == 2  # each trial did fail once
     children, _ = runs(out, "retry")
     assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
-    for run_id in children["run_id"]:
-        assert steps(run_id) == [1, 2, 3]
+    for _, run in children.iterrows():
+        assert steps(run["run_id"]) == [1, 2, 3]  # epoch 2 ran twice, logged once
+        assert run["tags.hesstune.replayed_epochs"] == "2"
+        recovery = run["tags.hesstune.checkpoint_recovery"]
+        assert recovery.startswith("checkpoint_000001 damaged") and recovery.endswith(
+            "resumed from checkpoint_000000 (epoch 1)"
+        ), recovery
+    for folder in (out / "ray_results" / "retry").glob("trial_*"):  # two kept: the newest has its checksum
+        assert len(list(folder.glob("checkpoint_*/state.sha256"))) == 2
 
 
 def test_a_killed_trial_worker_is_retried(tmp_path: Path, env: dict[str, str]) -> None:

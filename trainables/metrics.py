@@ -15,6 +15,7 @@ __all__ = [
     "MEASURES",
     "OBJECTIVE_KEY",
     "RAY_KEYS",
+    "RECOVERY_KEY",
     "TAG_RESULTS",
     "TEXT_RESULTS",
     "TRIAL_INDEX_KEY",
@@ -81,6 +82,10 @@ FINAL: tuple[str, ...] = (
 # short text as one tag ``hesstune.<key>`` (``transition``: which noise matrix F the trial used).
 TEXT_RESULTS: tuple[str, ...] = ("val_correct", "val_pred")
 TAG_RESULTS: tuple[str, ...] = ("transition",)
+
+# Text a trial reports the first time it reports after a damaged checkpoint: tag
+# ``hesstune.checkpoint_recovery`` (what was damaged, and where the trial resumed from).
+RECOVERY_KEY = "checkpoint_recovery"
 
 OBJECTIVE_KEY = "objective"  # the searched metric, as the trainable reports it to Ray
 TRIAL_INDEX_KEY = "_trial_index"  # the trial's number in its config ("_": not a RunConfig value)

@@ -8,6 +8,8 @@ inside the function only, so importing :mod:`trainables` starts nothing.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import tempfile
@@ -18,38 +20,87 @@ import torch
 
 from trainables.config import RunConfig
 from trainables.loop import fine_tune
-from trainables.metrics import OBJECTIVE_KEY, TRIAL_INDEX_KEY
+from trainables.metrics import OBJECTIVE_KEY, RECOVERY_KEY, TRIAL_INDEX_KEY
 
-__all__ = ["STATE_FILE", "TrialOutOfMemoryError", "run_trial"]
+__all__ = ["CHECKSUM_FILE", "STATE_FILE", "TrialOutOfMemoryError", "read_state", "run_trial", "write_state"]
 
 STATE_FILE = "state.pt"
+CHECKSUM_FILE = "state.sha256"
 
 
-def _load_checkpoint() -> dict[str, Any] | None:
+def _load_checkpoint() -> tuple[dict[str, Any] | None, str | None]:
+    """The trial's state to resume from, and what recovery it needed (None: none).
+
+    Ray hands over the trial's newest checkpoint. One that is damaged (truncated, unreadable, or
+    not matching the checksum written with it) is passed over for the newest intact older one
+    in the trial's folder (Ray keeps two); with none left the trial restarts from scratch."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, None
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        state, problem = read_state(Path(folder))
+    if state is not None:
+        return state, None
+    newest = Path(checkpoint.path)
+    older = sorted((p for p in newest.parent.glob("checkpoint_*") if p.name < newest.name), reverse=True)
+    for candidate in older:
+        state, _ = read_state(candidate)
+        if state is not None:
+            return state, f"{newest.name} {problem}: resumed from {candidate.name} (epoch {state.get('epoch')})"
+    return None, f"{newest.name} {problem}, and no older intact checkpoint: restarted from scratch"
+
+
+def write_state(state: dict[str, Any], folder: Path) -> None:
+    """``state.pt`` and its SHA-256 (``state.sha256``), each written whole then renamed into place,
+    so a reader sees a complete file or none."""
+    tmp = folder / f"{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, folder / STATE_FILE)
+    (folder / f"{CHECKSUM_FILE}.tmp").write_text(digest + "\n")
+    os.replace(folder / f"{CHECKSUM_FILE}.tmp", folder / CHECKSUM_FILE)
+
+
+def read_state(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint's state if intact, else None and what is wrong with it. A checkpoint written
+    before checksums existed is read as it is."""
+    path = folder / STATE_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable ({exc.strerror or exc})"
+    checksum = folder / CHECKSUM_FILE
+    if checksum.exists() and hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
+        return None, f"damaged ({STATE_FILE} does not match its checksum)"
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), ""
+    except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+        return None, f"unreadable ({type(exc).__name__})"
 
 
 def _fault_injection(epoch: int) -> None:
     """Test hook for the fault-tolerance tests: ``HESSTUNE_FAULT=raise-once@E`` makes every trial
     fail once after epoch E's report (a marker per trial in ``HESSTUNE_FAULT_DIR`` remembers it),
-    so the retry must resume from that epoch's checkpoint."""
+    so the retry must resume from that epoch's checkpoint; ``corrupt-once@E`` also truncates that
+    checkpoint first (found below ``HESSTUNE_FAULT_DIR``, which must hold the sweep's --output),
+    so the retry must detect it and fall back to the one before."""
     fault = os.environ.get("HESSTUNE_FAULT", "")
-    if fault != f"raise-once@{epoch}":
+    if fault not in (f"raise-once@{epoch}", f"corrupt-once@{epoch}"):
         return
     from ray import tune
 
-    marker = (
-        Path(os.environ.get("HESSTUNE_FAULT_DIR", tempfile.gettempdir())) / f"fault-{tune.get_context().get_trial_id()}"
-    )
-    if not marker.exists():
-        marker.write_text("raised")
-        raise RuntimeError(f"injected fault after epoch {epoch}")
+    trial_id = tune.get_context().get_trial_id()
+    faults = Path(os.environ.get("HESSTUNE_FAULT_DIR", tempfile.gettempdir()))
+    marker = faults / f"fault-{trial_id}"
+    if marker.exists():
+        return
+    marker.write_text("raised")
+    if fault.startswith("corrupt"):  # the persisted copy, in the sweep's --output below the fault folder
+        newest = max(faults.rglob(f"trial_{trial_id}/checkpoint_*/{STATE_FILE}"))
+        newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    raise RuntimeError(f"injected fault after epoch {epoch}")
 
 
 class TrialOutOfMemoryError(RuntimeError):
@@ -89,12 +140,14 @@ def _run(config: dict[str, Any], objective: str, gpu_fraction: float, diagnostic
     if int(config.get(TRIAL_INDEX_KEY, 0)) % diagnostics_every:
         cfg = cfg.replace(**{"measure.trace": False, "measure.eigenvalue": False})
     where = _placement(gpu_fraction)
-    resume = _load_checkpoint()
+    resume, recovery = _load_checkpoint()
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):
         metrics: dict[str, Any] = {**result.metrics, **result.records, **where}
         metrics[OBJECTIVE_KEY] = float(metrics.get(objective, math.nan))
         metrics["final"] = 1.0 if result.final else 0.0
+        if recovery:  # once, with the first epoch after it: the driver tags the trial's run
+            metrics[RECOVERY_KEY], recovery = recovery, None
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(result.state(), Path(folder) / STATE_FILE)
+            write_state(result.state(), Path(folder))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         _fault_injection(result.epoch)

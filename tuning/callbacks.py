@@ -11,7 +11,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from trainables.metrics import RAY_KEYS, TAG_RESULTS, TEXT_RESULTS, TRIAL_INDEX_KEY
+from trainables.metrics import RAY_KEYS, RECOVERY_KEY, TAG_RESULTS, TEXT_RESULTS, TRIAL_INDEX_KEY
 from tuning import selection
 from tuning.tracking import (
     client,
@@ -104,6 +104,8 @@ class TrackingCallback(Callback):
         for key in ("node_id", "gpu_ids"):
             if isinstance(result.get(key), str) and metrics.get("epoch") == 1:
                 self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
+        if isinstance(result.get(RECOVERY_KEY), str):  # the trial resumed past a damaged checkpoint
+            self.mc.set_tag(run_id, f"hesstune.{RECOVERY_KEY}", result[RECOVERY_KEY])
         if metrics.get("final"):
             texts = {k: result[k] for k in TEXT_RESULTS if isinstance(result.get(k), str)}
             for key, text in texts.items():  # before the final tag, so a final trial always has them

@@ -119,8 +119,18 @@ def final_checkpoint(trials_dir: Path, trial_id: str) -> Path | None:
 
 def _final_state(trials_dir: Path, trial_id: str) -> dict[str, Any] | None:
     """The trial's last checkpoint, read weights-only; None if absent."""
+    from trainables.trainable import read_state
+
     path = final_checkpoint(trials_dir, trial_id)
-    return None if path is None else dict(torch.load(path, map_location="cpu", weights_only=True))
+    if path is None:
+        return None
+    state, problem = read_state(path.parent)  # checked against the checksum written with it
+    if state is None:
+        raise ExportError(
+            f"trial {trial_id}'s final checkpoint {str(path.parent)!r} is {problem}: export another rank, "
+            "or replay the trial with hesstune train --config on its exported YAML"
+        )
+    return dict(state)
 
 
 def _refit(folder: Path, rank: int, cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:

@@ -394,7 +394,8 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
         storage_path=str(folder.parent),
         verbose=0,
         callbacks=callbacks,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # two per trial: a damaged newest checkpoint falls back to the one before (trainables.trainable)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
