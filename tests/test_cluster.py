@@ -4,6 +4,7 @@ and log over http. The cluster is torn down by its own temp dir, never with ``ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -71,13 +72,13 @@ def cluster() -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def running_server(out: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``hesstune server`` on a free loopback port, until the block ends; yields its URL."""
     port = free_port()
-    out = tmp_path_factory.mktemp("server")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tuning.cli", "server", "--port", str(port), "--output", str(out)],
-        env=base_env(),
+        [sys.executable, "-m", "tuning.cli", "server", "--port", str(port), "--output", str(out), *flags],
+        env=env or base_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -97,6 +98,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess[str]:

@@ -242,8 +242,12 @@ def _check_criterion(name: str) -> None:
 
 # -- server --------------------------------------------------------------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
-    """Start a real MLflow tracking server (sqlite backend, local artifact root)."""
+    """Start a real MLflow tracking server (sqlite backend, local artifact root); ``--auth``: with
+    MLflow's basic-auth app (docs: README, "On a Ray cluster")."""
+    from tuning.tracking import server_auth_environment
+
     out = _output(args)
+    auth_env = server_auth_environment(out, Path(args.auth_file) if args.auth_file else None) if args.auth else {}
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -260,13 +264,21 @@ def cmd_server(args: argparse.Namespace) -> int:
         str(out / "mlartifacts"),
         "--workers",
         str(args.workers),
+        *(["--app-name", "basic-auth"] if args.auth else []),
     ]
     if args.host not in ("127.0.0.1", "localhost"):
-        print(f"warning: binding to {args.host}: the tracking server has no authentication", file=sys.stderr)
-    print("starting:", " ".join(cmd), flush=True)
+        warning = (
+            "basic auth sends passwords in the clear (no TLS): put the server behind an HTTPS proxy on "
+            "untrusted networks"
+            if args.auth
+            else "the tracking server has no authentication: add --auth"
+        )
+        print(f"warning: binding to {args.host}: {warning}", file=sys.stderr)
+    print("starting:", " ".join(cmd), flush=True)  # no credential is on the command line
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The GenAI job runner (7 huey consumers) is not used by hesstune and costs CPU on small machines.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.environ.update(auth_env)
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
 
@@ -428,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     v.add_argument(
         "--output", default=DEFAULT_OUTPUT, help=f"its sqlite store and artifacts (default ./{DEFAULT_OUTPUT})"
+    )
+    v.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a user and password (MLflow's basic-auth app): the admin's from MLFLOW_AUTH_ADMIN_USERNAME "
+        "and MLFLOW_AUTH_ADMIN_PASSWORD, or from --auth-file (default: off)",
+    )
+    v.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="YAML with the admin's username and password, readable by you only (chmod 600); never put "
+        "them on the command line",
     )
     v.set_defaults(func=cmd_server)
     return parser

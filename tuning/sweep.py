@@ -25,7 +25,7 @@ from trainables.config import RunConfig
 from trainables.errors import HesstuneError
 from trainables.metrics import OBJECTIVE_KEY
 from tuning import selection
-from tuning.tracking import ensure_parent_run, validate_tracking_uri
+from tuning.tracking import check_tracking_access, ensure_parent_run, validate_tracking_uri
 
 __all__ = ["SweepError", "SweepOptions", "SweepPaths", "SweepResult", "load_sweep", "run_sweep"]
 
@@ -440,6 +440,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         from tuning.cluster import preflight
 
         log(f"preflight: storage and tracking checked on {preflight(paths.storage, opts.tracking_uri)} node(s)")
+    check_tracking_access(opts.tracking_uri)  # a server that is down or wants credentials: one line
     paths.output.mkdir(parents=True, exist_ok=True)
     exp_id, parent_id = ensure_parent_run(
         opts.tracking_uri,

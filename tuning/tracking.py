@@ -21,6 +21,7 @@ from trainables.errors import HesstuneError
 
 __all__ = [
     "TrackingError",
+    "check_tracking_access",
     "child_runs",
     "default_tracking_uri",
     "ensure_parent_run",
@@ -28,6 +29,7 @@ __all__ = [
     "log_metrics",
     "metric_name",
     "mlflow_key",
+    "server_auth_environment",
     "set_text_tags",
     "text_from_tags",
     "validate_tracking_uri",
@@ -79,6 +81,96 @@ def validate_tracking_uri(uri: str, *, multi_node: bool = False) -> str:
             "use sqlite:////abs/path/mlflow.db or an http:// tracking server"
         )
     raise TrackingError(f"tracking URI {uri!r} has unsupported scheme {parsed.scheme!r}: use sqlite:// or http://")
+
+
+AUTH_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # MLflow's own client settings
+ADMIN_ENV = ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD")  # its auth app's admin
+
+
+def check_tracking_access(uri: str, *, timeout: float = 10.0) -> None:
+    """An http(s) tracking server must answer, and let this client in with the credentials in
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``: one line naming the fix if not."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import base64
+    import urllib.error
+    import urllib.request
+
+    user, password = (os.environ.get(k) for k in AUTH_ENV)
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401 and not (user and password):
+            raise TrackingError(
+                f"the tracking server {uri} asks for a user and password (HTTP 401): set {AUTH_ENV[0]} and "
+                f"{AUTH_ENV[1]}"
+            ) from None
+        if exc.code == 401:
+            raise TrackingError(
+                f"the tracking server {uri} refused user {user!r} (HTTP 401): check {AUTH_ENV[1]}"
+            ) from None
+        if exc.code == 403:
+            raise TrackingError(
+                f"the tracking server {uri} lets user {user!r} in but not read experiments (HTTP 403): ask its "
+                "admin for permissions"
+            ) from None
+        raise TrackingError(f"the tracking server {uri} answered HTTP {exc.code}") from None
+    except OSError as exc:
+        raise TrackingError(f"cannot reach the tracking server {uri} ({exc}): start it, or check the URI") from None
+
+
+def server_auth_environment(output: Path, auth_file: Path | None) -> dict[str, str]:
+    """What ``mlflow server --app-name basic-auth`` needs, as environment variables (never the
+    command line): its config (users in ``<output>/basic_auth.db``), a CSRF secret kept in
+    ``<output>/flask_secret_key`` (mode 600, the same across restarts), and the admin's name and
+    password, from ``auth_file`` (YAML, readable by its owner only) or ``MLFLOW_AUTH_ADMIN_*``."""
+    import secrets
+    import stat
+
+    import yaml
+
+    if auth_file is not None:
+        try:
+            mode = auth_file.stat().st_mode
+            creds = yaml.safe_load(auth_file.read_text())
+        except OSError as exc:
+            raise TrackingError(f"--auth-file {str(auth_file)!r} cannot be read ({exc.strerror})") from None
+        if stat.S_IMODE(mode) & 0o077:
+            raise TrackingError(
+                f"--auth-file {str(auth_file)!r} can be read by others (mode {stat.S_IMODE(mode):o}): chmod 600 it"
+            )
+        if not isinstance(creds, dict) or not creds.get("username") or not creds.get("password"):
+            raise TrackingError(f"--auth-file {str(auth_file)!r} needs two keys: username: … and password: …")
+        admin = {ADMIN_ENV[0]: str(creds["username"]), ADMIN_ENV[1]: str(creds["password"])}
+    else:
+        admin = {k: os.environ.get(k, "") for k in ADMIN_ENV}
+        if not all(admin.values()):
+            raise TrackingError(
+                f"--auth needs the admin's user and password: set {ADMIN_ENV[0]} and {ADMIN_ENV[1]}, or give "
+                "--auth-file FILE (YAML with username and password, chmod 600)"
+            )
+    if len(admin[ADMIN_ENV[1]]) < 12:
+        raise TrackingError(
+            "the admin password is shorter than 12 characters, which MLflow refuses: choose a longer one"
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    config = output / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{output.resolve() / 'basic_auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    key_file = output / "flask_secret_key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(secrets.token_hex(32))
+    secret = os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or key_file.read_text().strip()
+    return {**admin, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secret}
 
 
 def client(uri: str) -> Any:
