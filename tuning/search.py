@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -34,6 +35,16 @@ class FidelityAwareOptunaSearch(OptunaSearch):
         if isinstance(config, dict) and trial_id in self._ot_trials:
             config = {**config, TRIAL_INDEX_KEY: self._ot_trials[trial_id].number}
         return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """As Ray's, except for a trial the sweep's persistent study has already closed: after a
+        killed driver, Ray restores this searcher from its last save, older than the study, and
+        re-runs epochs of trials that had finished since. Their first values stay (the same seeds
+        recompute the same numbers)."""
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            log.debug("trial %s is already finished in the study; its replayed epoch is not reported", trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         stopped_early = result is not None and not error and result.get("epoch", self._max_epochs) < self._max_epochs
