@@ -101,10 +101,10 @@ def test_kill_driver_then_resume_finishes_every_trial_exactly_once(tmp_path: Pat
 
     from tuning.sweep import load_study
 
-    # the persisted study, older than nothing: 5 complete, a lost trial's ask marked FAIL, none running
+    # the persisted study: 5 complete; asks lost with the driver (a lost run's among them) marked FAIL
     states = [t.state for t in load_study(out, "k9").trials]
     assert states.count(TrialState.COMPLETE) == 5 and TrialState.RUNNING not in states
-    assert states.count(TrialState.FAIL) == lost.sum()
+    assert states.count(TrialState.FAIL) >= lost.sum()
 
 
 def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path: Path, env: dict[str, str]) -> None:
