@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+# huggingface_hub reads this when first imported, and test modules import timm (and with it the hub)
+# while pytest collects them, before any fixture runs: set here, a lookup of weights that are not in
+# the local cache fails at once instead of retrying a network this machine does not have.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -117,14 +117,14 @@ def test_failing_and_diverging_trials_end_failed_and_the_sweep_goes_on(tmp_path:
         "  optim.momentum: {float: [0.5, 0.9]}\n"
     )
     out = tmp_path / "out"
-    proc = run_sweep(env, out, "bad", "--space", str(space), "--trials", "6", "--epochs", "2", "--max-failures", "0")
+    proc = run_sweep(env, out, "bad", "--space", str(space), "--trials", "4", "--epochs", "2", "--max-failures", "0")
     children, parent = runs(out, "bad")
-    assert len(children) == 6 and "RUNNING" not in set(children["status"])
+    assert len(children) == 4 and "RUNNING" not in set(children["status"])
     lrs = children["params.optim.lr"].astype(float)
     diverged = children[lrs > 1]
     assert len(diverged) >= 1 and set(diverged["status"]) == {"FAILED"}, children[["status", "params.optim.lr"]]
     assert diverged["tags.hesstune.error"].str.contains("lower optim.lr").all()
-    assert set(children[lrs < 1]["status"]) == {"FINISHED"}
+    assert (lrs < 1).any() and set(children[lrs < 1]["status"]) == {"FINISHED"}
     assert "FAILED" in proc.stdout and parent["status"].iloc[0] == "FINISHED"
 
 
