@@ -35,26 +35,31 @@ def sweep(url: str, out: Path, env: dict[str, str]) -> subprocess.CompletedProce
     )
 
 
-def test_without_credentials_nothing_is_read_written_or_started(auth_server: tuple[str, Path]) -> None:
+def test_without_credentials_nothing_is_read_written_or_started(
+    auth_server: tuple[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from tuning.cli import main
+
     url, tmp = auth_server
-    env = {k: v for k, v in base_env().items() if not k.startswith("MLFLOW_TRACKING_")}
-    proc = sweep(url, tmp / "anonymous", env)
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "asks for a user and password (HTTP 401): set MLFLOW_TRACKING_USERNAME" in errors[0]
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["sweep", "--space", "smoke", "--tracking-uri", url, "--output", str(tmp / "anonymous")]
+    assert main(args) == 2  # the CLI in-process: validation refuses before Ray or MLflow start
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and "asks for a user and password (HTTP 401): set MLFLOW_TRACKING_USERNAME" in errors[0]
     assert not (tmp / "anonymous").exists()
-    proc = sweep(url, tmp / "wrong", {**env, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": "nope"})
-    assert proc.returncode == 2 and f"refused user '{USER}' (HTTP 401)" in proc.stderr, proc.stderr[-2000:]
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            mp.delenv(key, raising=False)
-        anonymous = MlflowClient(tracking_uri=url)
-        for attempt in (lambda: anonymous.search_experiments(), lambda: anonymous.create_experiment("intruder")):
-            with pytest.raises(MlflowException, match=r"401|Unauthorized|credentials"):
-                attempt()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    assert main(args) == 2 and f"refused user '{USER}' (HTTP 401)" in capsys.readouterr().err
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key)
+    anonymous = MlflowClient(tracking_uri=url)
+    for attempt in (lambda: anonymous.search_experiments(), lambda: anonymous.create_experiment("intruder")):
+        with pytest.raises(MlflowException, match=r"401|Unauthorized|credentials"):
+            attempt()
 
 
 def test_with_credentials_a_sweep_runs_and_its_password_is_nowhere(auth_server: tuple[str, Path]) -> None:

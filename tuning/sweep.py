@@ -182,6 +182,7 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
         )
     if opts.warm_start and not resume:
         load_sweep(opts.output, opts.warm_start, flag="--warm-start")
+    check_tracking_access(opts.tracking_uri)  # a server that is down or wants credentials: one line
     return space
 
 
@@ -440,7 +441,6 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         from tuning.cluster import preflight
 
         log(f"preflight: storage and tracking checked on {preflight(paths.storage, opts.tracking_uri)} node(s)")
-    check_tracking_access(opts.tracking_uri)  # a server that is down or wants credentials: one line
     paths.output.mkdir(parents=True, exist_ok=True)
     exp_id, parent_id = ensure_parent_run(
         opts.tracking_uri,
