@@ -386,13 +386,13 @@ MO_MODEL = "mo-champion"
 @pytest.fixture(scope="module")
 def mo_sweep(sweep: dict[str, object], cli_env: dict[str, str]) -> dict[str, object]:
     """A second sweep in the same --output: warm-started from ``it4``, searching val_acc and bound
-    together, 4 trials; then extended to 6 with ``--resume mo --trials 6``, which registers its
-    pick at the end (``--register``)."""
+    together (bound is measured at the last of 2 epochs only), 4 trials; then extended to 6 with
+    ``--resume mo --trials 6``, which registers its pick at the end (``--register``)."""
     out = str(sweep["out"])
     common = ["--output", out, "--set", "measure.samples=96", "--set", "measure.eigen_samples=32"]
     common += ["--optuna-storage", f"sqlite:///{sweep['out']}/optuna.db"]  # an RDB; it4 has the default journal
     first = hesstune(
-        "sweep", "--space", "smoke", "--trials", "4", "--epochs", "1", "--name", MO_SWEEP, "--seed", "5",
+        "sweep", "--space", "smoke", "--trials", "4", "--epochs", "2", "--name", MO_SWEEP, "--seed", "5",
         "--noise", "pair:0.4", "--warm-start", SWEEP, "--objective", "val_acc,bound", *common, env=cli_env,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
@@ -439,6 +439,7 @@ def test_extending_a_sweep_adds_trials_to_the_same_study_and_parent_run(mo_sweep
     out = Path(mo_sweep["out"])  # type: ignore[arg-type]
     study = optuna.load_study(study_name=MO_SWEEP, storage=f"sqlite:///{out}/optuna.db")  # --optuna-storage
     assert len(study.trials) == 6 and {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    assert study.metric_names == ["val_acc", "bound"]  # what optuna-dashboard shows
     assert len(load_study(out, MO_SWEEP).trials) == 6
     assert not (out / "ray_results" / MO_SWEEP / "optuna.journal").exists()
     journal = optuna.storages.JournalStorage(  # the default: a journal file in the sweep's folder

@@ -118,14 +118,21 @@ def _placement(gpu_fraction: float) -> dict[str, str]:
 
 
 def run_trial(
-    config: dict[str, Any], *, objective: str = "bound", gpu_fraction: float = 0.0, diagnostics_every: int = 1
+    config: dict[str, Any],
+    *,
+    objective: str = "bound",
+    gpu_fraction: float = 0.0,
+    diagnostics_every: int = 1,
+    searched: tuple[str, ...] = (),
 ) -> None:
     """Ray Tune function trainable for one fine-tuning trial (threads come from the config).
 
     ``diagnostics_every`` N: trace and λ_max only when the trial's number (``_trial_index``, set
-    by the sweep's searcher; 0 when absent) is a multiple of N; M and B always."""
+    by the sweep's searcher; 0 when absent) is a multiple of N; M and B always. ``searched``: the
+    metrics a multi-objective searcher reads, in every result (NaN in an epoch that did not
+    measure them: Ray refuses results without them; the searcher reads the final one)."""
     try:
-        _run(config, objective, gpu_fraction, diagnostics_every)
+        _run(config, objective, gpu_fraction, diagnostics_every, searched)
     except torch.cuda.OutOfMemoryError as exc:
         raise TrialOutOfMemoryError(
             f"CUDA out of memory with {gpu_fraction or 1} GPU per trial ({str(exc).splitlines()[0]}): "
@@ -133,7 +140,9 @@ def run_trial(
         ) from exc
 
 
-def _run(config: dict[str, Any], objective: str, gpu_fraction: float, diagnostics_every: int) -> None:
+def _run(
+    config: dict[str, Any], objective: str, gpu_fraction: float, diagnostics_every: int, searched: tuple[str, ...]
+) -> None:
     from ray import tune
 
     cfg = RunConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
@@ -144,6 +153,8 @@ def _run(config: dict[str, Any], objective: str, gpu_fraction: float, diagnostic
     for result in fine_tune(cfg, resume=resume, log=lambda msg: print(msg, flush=True)):
         metrics: dict[str, Any] = {**result.metrics, **result.records, **where}
         metrics[OBJECTIVE_KEY] = float(metrics.get(objective, math.nan))
+        for name in searched:
+            metrics.setdefault(name, math.nan)
         metrics["final"] = 1.0 if result.final else 0.0
         if recovery:  # once, with the first epoch after it: the driver tags the trial's run
             metrics[RECOVERY_KEY], recovery = recovery, None

@@ -9,8 +9,10 @@ already reported. Each config also carries the trial's number (``_trial_index``)
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
+import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
@@ -26,9 +28,18 @@ class FidelityAwareOptunaSearch(OptunaSearch):
     """Also numbers the trials: every config carries its Optuna trial number (0, 1, …) under
     ``_trial_index``, which the trainable reads to run the diagnostics on every N-th trial."""
 
-    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_epochs: int, metric_names: list[str] | None = None, **kwargs: Any) -> None:
+        self._metric_names = metric_names  # before super(), which sets the study up
         super().__init__(*args, **kwargs)
         self._max_epochs = max_epochs
+
+    def _setup_study(self, mode: str | list[str]) -> None:
+        """Ray's study, with the objectives named (optuna-dashboard shows these names)."""
+        super()._setup_study(mode)
+        if self._metric_names and self._ot_study is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(self._metric_names)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         config = super().suggest(trial_id)

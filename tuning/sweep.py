@@ -321,6 +321,7 @@ def _searcher(space: SearchSpace, opts: SweepOptions, segment: int) -> Any:
         storage=study_storage(opts),
         points_to_evaluate=points,
         max_epochs=space.epochs_for(opts.base),
+        metric_names=[m for m, _ in pairs],
     )
 
 
@@ -368,10 +369,15 @@ def _tuner(opts: SweepOptions, space: SearchSpace, callbacks: list[Any], paths: 
 
     from trainables.trainable import run_trial
 
-    metric, mode = objective_metric(opts.objective)
+    pairs = objective_metrics(opts.objective)
+    metric, mode = pairs[0]
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, objective=metric, gpu_fraction=opts.gpus_per_trial, diagnostics_every=opts.diagnostics_every
+            run_trial,
+            objective=metric,
+            gpu_fraction=opts.gpus_per_trial,
+            diagnostics_every=opts.diagnostics_every,
+            searched=tuple(m for m, _ in pairs) if len(pairs) > 1 else (),
         ),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
