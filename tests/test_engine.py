@@ -428,3 +428,19 @@ def test_checkpoint_state_is_checked_against_its_checksum(tmp_path: Path) -> Non
     assert read_state(tmp_path)[0] is not None
     (tmp_path / STATE_FILE).unlink()
     assert read_state(tmp_path)[1].startswith("unreadable (")
+
+
+def test_timm_weights_are_looked_up_offline_even_after_the_hub_was_imported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """huggingface_hub fixes its offline flag when first imported; a timm model asked for its
+    pretrained weights still looks only in the local cache (no network retries), and a miss is
+    the one-line error."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as if imported with the variable unset
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(ConfigError, match="not in the local timm/Hugging Face cache"):
+        models.create_model(ModelConfig(name="test_resnet", pretrained="timm"), 2)
+    assert constants.HF_HUB_OFFLINE is True

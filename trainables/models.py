@@ -87,11 +87,22 @@ def _timm_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Mod
         ) from None
 
 
+def _hub_offline() -> None:
+    """timm weights come from the local Hugging Face cache, never the network, unless the user set
+    ``HF_HUB_OFFLINE=0``. huggingface_hub reads the variable once, when first imported (``import
+    timm`` does that, usually before this runs), so its constant is set too: otherwise a missing
+    cache entry costs about a minute of retries on a machine without network."""
+    if os.environ.setdefault("HF_HUB_OFFLINE", "1") not in ("0", "false", "False"):
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+
+
 def create_model(cfg: ModelConfig, num_classes: int, *, task: TaskConfig | None = None) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head and the configured starting weights
     (``source``: pretrained on ``task``'s source classes, the built-in task by default)."""
     if cfg.pretrained == "timm":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _hub_offline()
         return _timm_model(cfg.name, num_classes, pretrained=True)
     model = _timm_model(cfg.name, num_classes)
     if cfg.pretrained == "source":
