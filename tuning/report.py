@@ -14,6 +14,7 @@ from trainables import metrics
 from trainables.config import RunConfig
 from tuning import selection
 from tuning.selection import STRUCTURE_CUT
+from tuning.sweep import objective_metrics
 from tuning.tracking import TRIAL_TAG, child_runs, metric_name, text_from_tags
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "finished_trials",
     "format_report",
     "noise_case",
-    "objective_pairs",
     "pareto_table",
     "write_artifacts",
 ]
@@ -70,16 +70,10 @@ def finished_trials(uri: str, exp_id: str, parent_id: str) -> pd.DataFrame:
 CORRELATION_MEASURES = metrics.MEASURES
 
 
-def objective_pairs(objective: str) -> list[tuple[str, str]]:
-    """(metric, direction) of each criterion of a sweep's search objective (``val_acc,bound``)."""
-    crits = [selection.get_criterion(name.strip()) for name in objective.split(",") if name.strip()]
-    return [(c.metric, c.direction) for c in crits]
-
-
 def pareto_table(table: pd.DataFrame, objective: str) -> pd.DataFrame | None:
     """The Pareto front of a multi-objective sweep (None for a single objective), with the clean
     test accuracy beside it for evaluation."""
-    pairs = objective_pairs(objective)
+    pairs = objective_metrics(objective)
     if len(pairs) < 2:
         return None
     front = selection.pareto_front(table, pairs)  # type: ignore[arg-type]
@@ -108,7 +102,7 @@ def format_report(table: pd.DataFrame, criterion: str, *, top: int = 10, objecti
     ]
     front = pareto_table(table, objective) if objective else None
     if front is not None:
-        arrows = ", ".join(f"{m} {'↓' if d == 'min' else '↑'}" for m, d in objective_pairs(objective))
+        arrows = ", ".join(f"{m} {'↓' if d == 'min' else '↑'}" for m, d in objective_metrics(objective))
         lines += [
             f"Pareto front of the search objectives ({arrows}): {len(front)} of {len(table)} trials "
             f"no other trial beats on both; the pick above is still by {criterion}",
@@ -258,7 +252,7 @@ def write_artifacts(table: pd.DataFrame, folder: Path, *, criterion: str, object
     front = pareto_table(table, objective) if objective else None
     if front is not None:
         front.to_csv(folder / "pareto_front.csv", index=False)
-        _pareto_plot(table, front, objective_pairs(objective), folder / "pareto_front.png")
+        _pareto_plot(table, front, objective_metrics(objective), folder / "pareto_front.png")
     export_configs(table, criterion, top=3, folder=folder / "best_configs")
 
 
