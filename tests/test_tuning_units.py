@@ -4,6 +4,7 @@ tracking-URI rules, config round trips through MLflow params."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -158,7 +159,7 @@ def test_epochs_replayed_after_a_driver_restore_are_logged_once(tmp_path: Path) 
     from types import SimpleNamespace
 
     from tuning.callbacks import TrackingCallback
-    from tuning.tracking import client, ensure_parent_run
+    from tuning.tracking import client, ensure_parent_run, find_child
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id, parent_id = ensure_parent_run(uri, "replay", tags={}, params={})
@@ -167,20 +168,24 @@ def test_epochs_replayed_after_a_driver_restore_are_logged_once(tmp_path: Path) 
     def result(epoch: int, loss: float) -> dict[str, float]:
         return {"epoch": epoch, "train_loss": loss, "final": 0.0, "training_iteration": epoch}
 
-    first = TrackingCallback(uri, exp_id, parent_id, sweep="replay")
+    first = TrackingCallback(uri, exp_id, parent_id, sweep="replay", folder=tmp_path / "sweep")
     first.on_trial_start(0, [trial], trial)
     saved = pickle.dumps(first)  # the experiment state as Tune last saved it: before any epoch
     first.on_trial_result(0, [trial], trial, result(1, 0.9))
     first.on_trial_result(0, [trial], trial, result(2, 0.5))  # then SIGKILL
+    assert first.outbox.wait(30)
+    first.outbox.close()  # the driver's process ends
 
     second = pickle.loads(saved)  # the resumed driver; the trial restarts from scratch
     for epoch, loss in [(1, 0.9), (2, 0.5), (3, 0.3)]:
         second.on_trial_result(0, [trial], trial, result(epoch, loss))
+    assert second.outbox.wait(30)
     mc = client(uri)
-    run_id = first.children["t1"]
+    run_id = find_child(mc, exp_id, parent_id, "t1")
     history = [(m.step, m.value) for m in mc.get_metric_history(run_id, "train_loss")]
     assert sorted(history) == [(1, 0.9), (2, 0.5), (3, 0.3)]
     assert mc.get_run(run_id).data.tags["hesstune.replayed_epochs"] == "1,2"
+    second.outbox.close()
 
 
 def test_a_trial_started_after_tunes_last_save_is_ended_as_lost_on_resume(tmp_path: Path) -> None:
@@ -190,21 +195,159 @@ def test_a_trial_started_after_tunes_last_save_is_ended_as_lost_on_resume(tmp_pa
     from types import SimpleNamespace
 
     from tuning.callbacks import TrackingCallback
-    from tuning.tracking import client, ensure_parent_run
+    from tuning.tracking import client, ensure_parent_run, find_child
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp_id, parent_id = ensure_parent_run(uri, "lost", tags={}, params={})
     saved, lost = (SimpleNamespace(trial_id=t, config={}, last_result={}) for t in ("t1", "t2"))
-    first = TrackingCallback(uri, exp_id, parent_id, sweep="lost")
+    first = TrackingCallback(uri, exp_id, parent_id, sweep="lost", folder=tmp_path / "sweep")
     first.on_step_begin(0, [])
     for trial in (saved, lost):
         first.on_trial_start(0, [saved, lost], trial)
     second = pickle.loads(pickle.dumps(first))  # the resumed driver: Tune restored t1 only
     second.on_step_begin(0, [saved])
+    assert second.outbox.wait(30)
     mc = client(uri)
-    runs = {t: mc.get_run(first.children[t]) for t in ("t1", "t2")}
+    runs = {t: mc.get_run(find_child(mc, exp_id, parent_id, t)) for t in ("t1", "t2")}
     assert runs["t2"].info.status == "KILLED" and "driver died" in runs["t2"].data.tags["hesstune.lost"]
     assert runs["t1"].info.status == "RUNNING" and "hesstune.lost" not in runs["t1"].data.tags
+    second.outbox.close()
+
+
+class FlakyClient:
+    """A real MLflow client whose store can be taken down: every call then fails as MLflow's
+    REST client does when the server does not answer. ``lose_reply`` makes the next write land
+    and its reply get lost (the write is in the store, the caller sees an error)."""
+
+    WRITES = ("log_batch", "create_run", "set_tag", "set_terminated", "update_run")
+
+    def __init__(self, uri: str) -> None:
+        from tuning.tracking import client
+
+        self.real, self.down, self.lose_reply = client(uri), False, False
+        self.sent: list[tuple[str, int]] = []  # metric points the store was sent, landed or not
+
+    def __getattr__(self, name: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        method = getattr(self.real, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.lose_reply and name in self.WRITES:
+                self.lose_reply, self.down = False, True
+                self._sent(kwargs)
+                method(*args, **kwargs)
+            if self.down:
+                raise MlflowException(
+                    "API request to http://127.0.0.1:1/api failed with exception Max retries exceeded"
+                )
+            self._sent(kwargs)
+            return method(*args, **kwargs)
+
+        return call
+
+    def _sent(self, kwargs: dict[str, Any]) -> None:
+        self.sent += [(m.key, m.step) for m in kwargs.get("metrics") or []]
+
+
+def _trial_results(box: Any, trial: str, epochs: range) -> None:
+    for epoch in epochs:
+        box.put("metrics", trial=trial, step=epoch, ts=1000 * epoch, values={"epoch": epoch, "train_loss": 1 / epoch})
+
+
+def test_an_outage_keeps_writes_on_disk_and_delivers_them_in_order_once(tmp_path: Path) -> None:
+    """The store goes down mid-trial (the reply to one write lost on the way): writes wait on
+    disk, ``put`` never blocks, and once the store answers every epoch is in it once, in order;
+    the outbox says how long it was behind."""
+    from tuning.outbox import Outbox
+    from tuning.tracking import client, ensure_parent_run, find_child
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent_id = ensure_parent_run(uri, "outage", tags={}, params={})
+    flaky = FlakyClient(uri)
+    lines: list[str] = []
+    box = Outbox(
+        tmp_path / "sweep", uri, exp_id, parent_id, log=lines.append, retry_s=0.05, make_client=lambda _: flaky
+    )
+    box.put("open", trial="t1", name="outage-t1", params={"optim.lr": 0.01}, tags={})
+    _trial_results(box, "t1", range(1, 3))
+    assert box.wait(30)
+    flaky.lose_reply = True  # epoch 3 lands, its reply does not; then the store is down
+    _trial_results(box, "t1", range(3, 7))
+    box.put("end", trial="t1", status="FINISHED")
+    assert not box.wait(0.5) and box.pending_writes() >= 4
+    assert box.outages == 1 and box.behind_for() > 0
+    flaky.down = False
+    assert box.wait(30) and box.pending_writes() == 0
+    mc = client(uri)
+    run_id = find_child(mc, exp_id, parent_id, "t1")
+    history = mc.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # once each, in order
+    # sent once each too: the store's own merging of identical points is not what keeps them single
+    assert [step for key, step in flaky.sent if key == "train_loss"] == [1, 2, 3, 4, 5, 6]
+    assert [m.timestamp for m in history] == [1000 * e for e in range(1, 7)]  # when measured, not when sent
+    run = mc.get_run(run_id)
+    assert run.info.status == "FINISHED" and "hesstune.replayed_epochs" not in run.data.tags
+    assert box.behind_s > 0 and box.late >= 4
+    assert "does not answer" in lines[0] and "caught up after" in lines[-1], lines
+    box.close()
+
+
+def test_a_driver_killed_during_an_outage_leaves_its_writes_for_the_next_one(tmp_path: Path) -> None:
+    """What a driver could not deliver is in the sweep's folder; the next process (a resumed
+    sweep, ``hesstune sync``) delivers it once, even the write whose delivery was cut off. A
+    line cut short by the kill was never queued."""
+    from tuning.outbox import OUTBOX, Outbox
+    from tuning.tracking import client, ensure_parent_run, find_child
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent_id = ensure_parent_run(uri, "killed", tags={}, params={})
+    flaky = FlakyClient(uri)
+    first = Outbox(
+        tmp_path / "sweep", uri, exp_id, parent_id, log=lambda _: None, retry_s=0.05, make_client=lambda _: flaky
+    )
+    first.put("open", trial="t1", name="killed-t1", params={}, tags={})
+    _trial_results(first, "t1", range(1, 3))
+    assert first.wait(30)
+    flaky.lose_reply = True
+    _trial_results(first, "t1", range(3, 5))
+    assert not first.wait(0.3)
+    first.close()  # the driver dies with epochs 3 (landed, unconfirmed) and 4 undelivered
+    with open(tmp_path / "sweep" / OUTBOX, "ab") as fh:
+        fh.write(b'{"op": "metrics", "trial": "t1", "st')  # the kill cut this line
+    second = Outbox(tmp_path / "sweep", uri, exp_id, parent_id, log=lambda _: None)
+    assert second.pending_writes() == 2 and second.wait(30)
+    mc = client(uri)
+    steps = [m.step for m in mc.get_metric_history(find_child(mc, exp_id, parent_id, "t1"), "train_loss")]
+    assert steps == [1, 2, 3, 4]
+    second.close()
+
+
+def test_the_outbox_is_bounded_and_delivered_by_one_process(tmp_path: Path) -> None:
+    from trainables.errors import HesstuneError
+    from tuning.outbox import Outbox, TrackingBehind
+    from tuning.tracking import ensure_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent_id = ensure_parent_run(uri, "bounded", tags={}, params={})
+    flaky = FlakyClient(uri)
+    flaky.down = True
+    box = Outbox(
+        tmp_path / "sweep",
+        uri,
+        exp_id,
+        parent_id,
+        log=lambda _: None,
+        retry_s=0.05,
+        max_pending=2000,
+        make_client=lambda _: flaky,
+    )
+    box.put("open", trial="t1", name="bounded-t1", params={}, tags={})
+    with pytest.raises(TrackingBehind, match="hesstune sweep --resume"):
+        _trial_results(box, "t1", range(1, 100))
+    with pytest.raises(HesstuneError, match="another process"):
+        Outbox(tmp_path / "sweep", uri, exp_id, parent_id)
+    box.close()
 
 
 def test_progress_shows_running_trials_epochs_at_most_once_a_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,8 +30,10 @@ from tuning import selection
 from tuning.sweep import (
     DEFAULT_TRIALS,
     DIAGNOSTICS_EVERY,
+    TRACKING_WAIT_S,
     SweepOptions,
     SweepPaths,
+    SweepResult,
     extended,
     load_study,
     load_sweep,
@@ -190,6 +192,7 @@ class Sweep:
     options: SweepOptions
     wall_s: float | None = None  # set when this process ran it
     errors: int = 0
+    tracking_pending: int = 0  # writes its tracking store lacked when this process ran it (see sync)
 
     @property
     def name(self) -> str:
@@ -220,11 +223,33 @@ class Sweep:
         """The same sweep read from another MLflow store (a copy, or a server it was synced to)."""
         return Sweep(SweepOptions(**{**self.options.__dict__, "tracking_uri": uri}), self.wall_s, self.errors)
 
-    def resume(self, trials: int | None = None, *, log: Callable[[str], None] = print) -> Sweep:
+    def resume(
+        self, trials: int | None = None, *, tracking_wait_s: float = TRACKING_WAIT_S, log: Callable[[str], None] = print
+    ) -> Sweep:
         """Finish an interrupted sweep; ``trials`` above its total extends it (same Optuna study,
-        same MLflow parent run). Returns the sweep as it now is."""
-        outcome = run_sweep(extended(self.options, trials), resume=True, log=log)
-        return Sweep(load_sweep(self.output, self.name), outcome.wall_s, outcome.errors)
+        same MLflow parent run). Writes its tracking store missed go out first. Returns the sweep
+        as it now is."""
+        outcome = run_sweep(extended(self.options, trials), resume=True, tracking_wait_s=tracking_wait_s, log=log)
+        return _ran(self.output, self.name, outcome)
+
+    def sync(self, *, wait_s: float = TRACKING_WAIT_S, log: Callable[[str], None] = print) -> int:
+        """Send the tracking store the writes it lacks (an outage that outlasted the sweep, a
+        killed driver), in order, once; returns how many were sent. Raises
+        :class:`~tuning.tracking.TrackingError` if the store does not answer within ``wait_s``."""
+        from tuning.outbox import open_outbox
+        from tuning.tracking import TrackingError, check_tracking_access
+
+        check_tracking_access(self.tracking_uri)
+        box = open_outbox(self.folder, self.tracking_uri, self.experiment_id, self.parent_run_id, log=log)
+        pending = box.pending_writes()
+        if pending:
+            log(f"sending {pending} writes to {self.tracking_uri}")
+        if not box.wait(wait_s):
+            raise TrackingError(
+                f"{self.tracking_uri} stopped answering; {box.pending_writes()} of {pending} writes still wait in "
+                f"{box.path}: run `hesstune sync {self.name}` again when it answers"
+            )
+        return pending
 
     def trials(self) -> pd.DataFrame:
         """One row per trial that finished its budget: ``trial_id``, ``run_id``, final metrics,
@@ -331,15 +356,25 @@ class Sweep:
         return table
 
 
-def sweep(name: str | None = None, *, log: Callable[[str], None] = print, **options: Any) -> Sweep:
+def sweep(
+    name: str | None = None,
+    *,
+    tracking_wait_s: float = TRACKING_WAIT_S,
+    log: Callable[[str], None] = print,
+    **options: Any,
+) -> Sweep:
     """Run a new sweep to completion (:func:`sweep_options` takes the options) and return it."""
-    return run(sweep_options(name, **options), log=log)
+    return run(sweep_options(name, **options), tracking_wait_s=tracking_wait_s, log=log)
 
 
-def run(opts: SweepOptions, *, log: Callable[[str], None] = print) -> Sweep:
+def run(opts: SweepOptions, *, tracking_wait_s: float = TRACKING_WAIT_S, log: Callable[[str], None] = print) -> Sweep:
     """Run a new sweep given as :class:`SweepOptions` (validated first: bad input starts nothing)."""
-    outcome = run_sweep(opts, log=log)
-    return Sweep(load_sweep(opts.output, opts.name), outcome.wall_s, outcome.errors)
+    outcome = run_sweep(opts, tracking_wait_s=tracking_wait_s, log=log)
+    return _ran(opts.output, opts.name, outcome)
+
+
+def _ran(output: Path, name: str, outcome: SweepResult) -> Sweep:
+    return Sweep(load_sweep(output, name), outcome.wall_s, outcome.errors, outcome.tracking_pending)
 
 
 def open_sweep(name: str, output: str | Path = DEFAULT_OUTPUT, *, flag: str = "--name") -> Sweep:

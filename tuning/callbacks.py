@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +13,10 @@ from ray.tune import Callback
 
 from trainables.metrics import RAY_KEYS, RECOVERY_KEY, TAG_RESULTS, TEXT_RESULTS, TRIAL_INDEX_KEY
 from tuning import selection
-from tuning.tracking import (
-    client,
-    end_lost_trials,
-    finish_orphans,
-    log_metrics,
-    logged_epochs,
-    open_child,
-    set_text_tags,
-)
+from tuning.outbox import Outbox, current_outbox, open_outbox
+from tuning.tracking import finish_orphans, log_metrics
 
-__all__ = ["ProgressCallback", "TrackingCallback"]
+__all__ = ["ProgressCallback", "TrackingCallback", "close_sweep", "finals_from"]
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -33,146 +26,162 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
 class TrackingCallback(Callback):
     """One MLflow child run per trial under the sweep's parent run; live sweep statistics.
 
-    Child runs are found by their trial-id tag, so a restored or retried trial reopens its run.
-    A driver killed between logging an epoch and saving Tune's experiment state restores the
-    trial from an older checkpoint, and the trial reports those epochs again: they are logged
-    once, with their first values (a replay with the same seeds recomputes the same numbers),
-    and the run's tag ``hesstune.replayed_epochs`` says which epochs were re-run. A trial that
-    started after the last save is unknown to the restored sweep: its run ends KILLED with the
-    tag ``hesstune.lost``, and the searcher proposes another trial in its place.
-    After each finished trial the parent run gets the correlation and regret statistics of
-    :func:`tuning.selection.summary` over all finished trials (step = number finished).
+    Nothing here waits for the store: every write goes to the sweep's outbox
+    (:mod:`tuning.outbox`), whose thread delivers it in order, once, and keeps it on disk while
+    the store does not answer. Child runs are found by their trial-id tag, so a restored or
+    retried trial reopens its run. A driver killed between logging an epoch and saving Tune's
+    experiment state restores the trial from an older checkpoint, and the trial reports those
+    epochs again: they are logged once, with their first values (a replay with the same seeds
+    recomputes the same numbers), and the run's tag ``hesstune.replayed_epochs`` says which
+    epochs were re-run. A trial that started after the last save is unknown to the restored
+    sweep: its run ends KILLED with the tag ``hesstune.lost``, and the searcher proposes another
+    trial in its place. After each finished trial the parent run gets the correlation and regret
+    statistics of :func:`tuning.selection.summary` over all finished trials (step = number
+    finished).
     """
 
     objectives = ""  # for trackers pickled by sweeps of older versions
+    folder = ""
 
-    def __init__(self, uri: str, exp_id: str, parent_id: str, *, sweep: str, objectives: str = "") -> None:
+    def __init__(
+        self, uri: str, exp_id: str, parent_id: str, *, sweep: str, folder: Path, objectives: str = ""
+    ) -> None:
         self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
-        self.sweep = sweep
+        self.sweep, self.folder = sweep, str(folder)  # folder: the sweep's, where its outbox lives
         self.objectives = objectives  # the search objective; several (a,b): the parent gets the Pareto front
-        self.children: dict[str, str] = {}
-        self.logged: dict[str, int] = {}  # trial id -> last epoch in its MLflow run
-        self._client: Any = None
-        self._finals: dict[str, dict[str, float]] | None = None  # final metrics of finished trials
+        self._opened: set[str] = set()  # trials whose run this driver process has asked to open
+        self._finals: dict[str, dict[str, Any]] | None = None  # final metrics of finished trials
         self._checked_lost = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "_finals": None, "logged": {}, "_checked_lost": False}
+        return {**self.__dict__, "_opened": set(), "_finals": None, "_checked_lost": False}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_opened": set(), "_finals": None, "_checked_lost": False, **state})
 
     @property
-    def mc(self) -> Any:
-        if self._client is None:
-            self._client = client(self.uri)
-        return self._client
+    def outbox(self) -> Outbox:
+        if self.folder:
+            return open_outbox(Path(self.folder), self.uri, self.exp_id, self.parent_id)
+        box = current_outbox()  # a tracker pickled by an older version: the outbox run_sweep opened
+        if box is None:
+            raise RuntimeError("no tracking outbox is open for this sweep")
+        return box
 
-    def _child(self, trial: Any) -> str:
-        if trial.trial_id not in self.children:
-            params = {k: v for k, v in trial.config.items() if not str(k).startswith("_")}
-            index = trial.config.get(TRIAL_INDEX_KEY)  # the searcher's trial number (diagnostics schedule)
-            self.children[trial.trial_id] = open_child(
-                self.mc,
-                self.exp_id,
-                self.parent_id,
-                trial.trial_id,
-                f"{self.sweep}-{trial.trial_id}",
-                params,
-                tags={"hesstune.trial_index": str(index)} if index is not None else None,
-            )
-        if trial.trial_id not in self.logged:  # once per driver process: the store knows, a pickle may be stale
-            self.logged[trial.trial_id] = logged_epochs(self.mc, self.children[trial.trial_id])
-        return self.children[trial.trial_id]
+    def _open(self, trial: Any) -> None:
+        if trial.trial_id in self._opened:
+            return
+        self._opened.add(trial.trial_id)
+        params = {k: v for k, v in trial.config.items() if not str(k).startswith("_")}
+        index = trial.config.get(TRIAL_INDEX_KEY)  # the searcher's trial number (diagnostics schedule)
+        tags = {"hesstune.trial_index": str(index)} if index is not None else {}
+        self.outbox.put("open", trial=trial.trial_id, name=f"{self.sweep}-{trial.trial_id}", params=params, tags=tags)
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         if not self._checked_lost:  # once per driver process, when a resumed sweep's trials are restored
             self._checked_lost = True
-            end_lost_trials(self.mc, self.exp_id, self.parent_id, {t.trial_id for t in trials})
+            self.outbox.put("end_lost", known=sorted(t.trial_id for t in trials))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._child(trial)
+        self._open(trial)
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
+        self._open(trial)
         metrics = _metrics(result)
-        run_id = self._child(trial)
         epoch = int(metrics.get("epoch", 0))
-        if epoch > self.logged[trial.trial_id]:
-            log_metrics(self.mc, run_id, metrics, step=epoch, trial=True)
-            self.logged[trial.trial_id] = epoch
-        else:
-            self._replayed(run_id, epoch)
-        for key in ("node_id", "gpu_ids"):
-            if isinstance(result.get(key), str) and metrics.get("epoch") == 1:
-                self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
+        box, tid = self.outbox, trial.trial_id
+        box.put("metrics", trial=tid, step=epoch, ts=_now_ms(), values=_finite_values(metrics))
+        tags = {f"hesstune.{k}": result[k] for k in ("node_id", "gpu_ids") if isinstance(result.get(k), str)}
+        tags = tags if epoch == 1 else {}
         if isinstance(result.get(RECOVERY_KEY), str):  # the trial resumed past a damaged checkpoint
-            self.mc.set_tag(run_id, f"hesstune.{RECOVERY_KEY}", result[RECOVERY_KEY])
+            tags[f"hesstune.{RECOVERY_KEY}"] = result[RECOVERY_KEY]
         if metrics.get("final"):
             texts = {k: result[k] for k in TEXT_RESULTS if isinstance(result.get(k), str)}
-            for key, text in texts.items():  # before the final tag, so a final trial always has them
-                set_text_tags(self.mc, run_id, key, text)
-            for key in TAG_RESULTS:
-                if isinstance(result.get(key), str):
-                    self.mc.set_tag(run_id, f"hesstune.{key}", result[key])
-            self.mc.set_tag(run_id, "hesstune.final", "1")
-            self._finished()[trial.trial_id] = {"trial_id": trial.trial_id, **metrics, **texts}
-
-    def _replayed(self, run_id: str, epoch: int) -> None:
-        tags = self.mc.get_run(run_id).data.tags
-        epochs = [int(e) for e in tags.get("hesstune.replayed_epochs", "").split(",") if e]
-        if epoch not in epochs:
-            self.mc.set_tag(run_id, "hesstune.replayed_epochs", ",".join(map(str, sorted([*epochs, epoch]))))
+            box.put("texts", trial=tid, texts=texts)  # before the final tag, so a final trial always has them
+            tags.update({f"hesstune.{k}": result[k] for k in TAG_RESULTS if isinstance(result.get(k), str)})
+            tags["hesstune.final"] = "1"
+            self._finished()[tid] = {"trial_id": tid, **metrics, **texts}
+        if tags:
+            box.put("tags", trial=tid, tags=tags)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self._child(trial)
+        self._open(trial)
         last = trial.last_result or {}
-        self.mc.set_terminated(run_id, status="FINISHED" if last.get("final") else "KILLED")
+        self.outbox.put("end", trial=trial.trial_id, status="FINISHED" if last.get("final") else "KILLED")
         self.update_summary()
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        run_id = self._child(trial)
-        self.mc.set_tag(run_id, "hesstune.error", _error_text(trial))
-        self.mc.set_terminated(run_id, status="FAILED")
+        self._open(trial)
+        self.outbox.put("tags", trial=trial.trial_id, tags={"hesstune.error": _error_text(trial)})
+        self.outbox.put("end", trial=trial.trial_id, status="FAILED")
 
     # -- sweep level ----------------------------------------------------------------------------
-    def _finished(self) -> dict[str, dict[str, float]]:
+    def _finished(self) -> dict[str, dict[str, Any]]:
         """Final metrics of the finished trials, kept in memory: this runs in Tune's driver loop,
-        so it must not query the store after every trial. Read from MLflow once per driver
-        process (a resumed sweep's earlier trials) and again, authoritatively, in ``finish``."""
+        so it must not query the store. Read once per driver process from the outbox, which
+        holds every write of the sweep (a resumed sweep's earlier trials among them)."""
         if self._finals is None:
-            from tuning.report import finished_trials
-
-            table = finished_trials(self.uri, self.exp_id, self.parent_id).drop(
-                columns=["params", "run_id"], errors="ignore"
-            )
-            self._finals = {row["trial_id"]: row for row in table.to_dict("records")}
+            self._finals = finals_from(self.outbox.records())
         return self._finals
 
-    def update_summary(self, table: Any = None) -> dict[str, float]:
+    def update_summary(self) -> None:
         import pandas as pd
 
-        table = pd.DataFrame(list(self._finished().values())) if table is None else table
-        if table.empty:
-            return {}
-        stats = selection.summary(table)
-        log_metrics(self.mc, self.parent_id, stats, step=len(table))
-        return stats
-
-    def finish(self, *, wall_s: float) -> dict[str, float]:
-        """Close orphans, log the final statistics and artifacts, end the parent run."""
-        from tuning.report import finished_trials, write_artifacts
-
-        finish_orphans(self.mc, self.exp_id, self.parent_id, status="KILLED")
-        table = finished_trials(self.uri, self.exp_id, self.parent_id)
-        stats = self.update_summary(table)
-        log_metrics(self.mc, self.parent_id, {"sweep_wall_s": wall_s}, step=0)
+        table = pd.DataFrame(list(self._finished().values()))
         if not table.empty:
-            criterion = selection.recommended_criterion(table)
-            self.mc.set_tag(self.parent_id, "hesstune.selection", criterion)
-            with tempfile.TemporaryDirectory() as folder:
-                write_artifacts(table, Path(folder), criterion=criterion, objective=self.objectives)
-                self.mc.log_artifacts(self.parent_id, folder)
-        self.mc.set_terminated(self.parent_id, status="FINISHED")
-        return stats
+            values = _finite_values(selection.summary(table))
+            self.outbox.put("metrics", trial=None, step=len(table), ts=_now_ms(), values=values)
+
+    def finish(self, *, wall_s: float) -> None:
+        """Queue the sweep's close (:func:`close_sweep`): delivered after every write before it."""
+        self.outbox.put("finish", wall_s=wall_s, objectives=self.objectives)
+
+
+def finals_from(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The final metrics and texts of each finished trial, from a sweep's outbox records."""
+    finals: dict[str, dict[str, Any]] = {}
+    texts: dict[str, dict[str, str]] = {}
+    for op in records:
+        trial = op.get("trial")
+        if op["op"] == "metrics" and trial is not None and op["values"].get("final"):
+            finals[trial] = {"trial_id": trial, **op["values"]}
+        elif op["op"] == "texts":
+            texts[str(trial)] = op["texts"]
+    return {t: {**row, **texts.get(t, {})} for t, row in finals.items()}
+
+
+def close_sweep(mc: Any, uri: str, exp_id: str, parent_id: str, *, objectives: str, metrics: dict[str, float]) -> None:
+    """End the sweep in the store: close orphan runs, log the final statistics (from the finished
+    trials as MLflow has them), ``metrics`` and the artifacts, end the parent run."""
+    from tuning.report import finished_trials, write_artifacts
+
+    finish_orphans(mc, exp_id, parent_id, status="KILLED")
+    table = finished_trials(uri, exp_id, parent_id)
+    if not table.empty:
+        log_metrics(mc, parent_id, selection.summary(table), step=len(table))
+    log_metrics(mc, parent_id, metrics, step=0)
+    if not table.empty:
+        criterion = selection.recommended_criterion(table)
+        mc.set_tag(parent_id, "hesstune.selection", criterion)
+        with tempfile.TemporaryDirectory() as folder:
+            write_artifacts(table, Path(folder), criterion=criterion, objective=objectives)
+            mc.log_artifacts(parent_id, folder)
+    mc.set_terminated(parent_id, status="FINISHED")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _finite_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``metrics`` (what MLflow logs; JSON has no NaN)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
 
 
 def _error_text(trial: Any) -> str:

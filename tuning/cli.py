@@ -20,6 +20,7 @@ from trainables.config import RunConfig
 from trainables.errors import HesstuneError
 from tuning import api
 from tuning.api import DEFAULT_OUTPUT, UsageError
+from tuning.sweep import TRACKING_WAIT_S
 
 __all__ = ["main"]
 
@@ -156,16 +157,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from tuning.export import check_registered_model_name
 
         check_registered_model_name(args.register)
+    if args.tracking_wait < 0:
+        raise UsageError(f"--tracking-wait {args.tracking_wait:g} must be ≥ 0 seconds")
     if args.resume:  # --trials above the sweep's total extends it
-        done = api.open_sweep(args.resume, _output(args), flag="--resume").resume(args.trials)
+        done = api.open_sweep(args.resume, _output(args), flag="--resume").resume(
+            args.trials, tracking_wait_s=args.tracking_wait
+        )
     else:
-        done = api.run(_sweep_options(args))  # validates first: bad input starts nothing
+        done = api.run(_sweep_options(args), tracking_wait_s=args.tracking_wait)  # validates first
+    if done.tracking_pending:  # the report reads the store, which lacks some of the sweep
+        print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
+        print(f"report, once the store has everything:  hesstune report {done.name} --output {done.output}")
+        if args.register is not None:
+            print(f"hesstune sweep: not registered: run `hesstune sync {done.name}` first", file=sys.stderr)
+            return 1
+        return 0
     print()
     print(done.report())
     print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
     if args.register is not None:
         _registered(args.register, done.register(args.register), done.parent_run_id)
     _where_to_look(done.tracking_uri, done.name, done.experiment_id, done.output)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        raise UsageError(f"--wait {args.wait:g} must be ≥ 0 seconds")
+    done = api.open_sweep(args.name, _output(args))
+    sent = done.sync(wait_s=args.wait, log=lambda msg: print(msg, flush=True))
+    print(f"sweep {done.name}: tracking is up to date in {done.tracking_uri} ({sent} writes sent now)")
     return 0
 
 
@@ -386,7 +407,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"trace and λ_max (correlation-table diagnostics) in every N-th trial; M and B in all "
         f"(default {DIAGNOSTICS_EVERY}; 1: every trial)",
     )
+    s.add_argument(
+        "--tracking-wait",
+        type=float,
+        default=TRACKING_WAIT_S,
+        metavar="S",
+        help="at the end, wait up to S seconds for a tracking store that does not answer; what it still "
+        f"lacks stays in the sweep's folder for `hesstune sync` (default {TRACKING_WAIT_S:g})",
+    )
     s.set_defaults(func=cmd_sweep)
+
+    y = sub.add_parser(
+        "sync", help="send the tracking store what a sweep could not deliver (an outage, a killed driver)"
+    )
+    y.add_argument("name")
+    y.add_argument("--output", default=DEFAULT_OUTPUT, help=f"the sweep's --output (default ./{DEFAULT_OUTPUT})")
+    y.add_argument(
+        "--wait",
+        type=float,
+        default=TRACKING_WAIT_S,
+        metavar="S",
+        help=f"give up after S seconds without an answer (default {TRACKING_WAIT_S:g})",
+    )
+    y.set_defaults(func=cmd_sync)
 
     for cmd, helptext in (
         ("report", "leaderboard and correlation table of a sweep"),

@@ -25,6 +25,7 @@ from trainables.config import RunConfig
 from trainables.errors import HesstuneError
 from trainables.metrics import OBJECTIVE_KEY
 from tuning import selection
+from tuning.outbox import Outbox, open_outbox
 from tuning.tracking import check_tracking_access, ensure_parent_run, validate_tracking_uri
 
 __all__ = ["SweepError", "SweepOptions", "SweepPaths", "SweepResult", "load_sweep", "run_sweep"]
@@ -34,6 +35,7 @@ JOURNAL_FILE = "optuna.journal"
 DIAGNOSTICS_EVERY = 12
 WARM_START_POINTS = 3  # --warm-start: the earlier sweep's best configs tried first
 DEFAULT_TRIALS = 16
+TRACKING_WAIT_S = 60.0  # at the end of a sweep, how long to wait for a tracking store that does not answer
 
 
 class SweepError(HesstuneError):
@@ -277,7 +279,8 @@ def _init_ray(opts: SweepOptions) -> None:
             kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: stay on loopback
         ray.init(address=opts.address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        # "local": a new Ray instance, never one that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
 
 
 def check_trial_resources(opts: SweepOptions, log: Callable[[str], None] = print) -> None:
@@ -422,12 +425,20 @@ class SweepResult:
     paths: SweepPaths
     wall_s: float
     errors: int  # trials that ended in error, in all runs
+    tracking_pending: int = 0  # writes the tracking store did not have when the sweep ended
 
 
-def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], None] = print) -> SweepResult:
+def run_sweep(
+    opts: SweepOptions,
+    *,
+    resume: bool = False,
+    tracking_wait_s: float = TRACKING_WAIT_S,
+    log: Callable[[str], None] = print,
+) -> SweepResult:
     """Validate ``opts`` (:func:`validate_options`, nothing is started before), then run the sweep
     to completion: every run of it in order (:attr:`SweepOptions.segments`); a run Ray has
-    finished returns at once, an interrupted one resumes, a new extension starts."""
+    finished returns at once, an interrupted one resumes, a new extension starts. At the end,
+    wait up to ``tracking_wait_s`` for the tracking store to have every write (:mod:`tuning.outbox`)."""
     from tuning.callbacks import ProgressCallback, TrackingCallback
 
     space = validate_options(opts, resume=resume)
@@ -441,6 +452,7 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         from trainables.models import ensure_source_model
 
         ensure_source_model(opts.base.model.name, opts.base.task, log=log)
+    _fail_fast_tracking()
     _init_ray(opts)
     check_trial_resources(opts, log)
     if opts.address:
@@ -458,7 +470,11 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
     paths.experiment.mkdir(parents=True, exist_ok=True)
     opts = SweepOptions(**{**opts.__dict__, "extra": {"experiment_id": exp_id, "parent_run_id": parent_id}})
     _write_meta(paths, opts)  # before any trial: a killed driver resumes with what it was asked
-    tracker = TrackingCallback(opts.tracking_uri, exp_id, parent_id, sweep=opts.name, objectives=opts.objective)
+    outbox = open_outbox(paths.experiment, opts.tracking_uri, exp_id, parent_id, log=log)  # writes left by a killed
+    # driver go out first
+    tracker = TrackingCallback(
+        opts.tracking_uri, exp_id, parent_id, sweep=opts.name, folder=paths.experiment, objectives=opts.objective
+    )
     tic = time.perf_counter()
     log(
         f"sweep {opts.name}: {opts.trials} trials of space {space.name!r}, objective {opts.objective}, "
@@ -477,7 +493,41 @@ def run_sweep(opts: SweepOptions, *, resume: bool = False, log: Callable[[str], 
         errors += len(results.errors)
     _close_study(opts)
     tracker.finish(wall_s=time.perf_counter() - tic)
-    return SweepResult(exp_id, parent_id, results, paths, time.perf_counter() - tic, errors)
+    pending = report_tracking(outbox, opts.name, opts.output, tracking_wait_s, log)
+    return SweepResult(exp_id, parent_id, results, paths, time.perf_counter() - tic, errors, pending)
+
+
+def report_tracking(outbox: Outbox, name: str, output: Path, wait_s: float, log: Callable[[str], None]) -> int:
+    """Wait up to ``wait_s`` for the outbox to deliver everything, then say how tracking went:
+    how long it was behind, or what is still waiting and how to send it. Returns the writes
+    still waiting."""
+    if not outbox.wait(wait_s):
+        pending = outbox.pending_writes()
+        log(
+            f"tracking: {outbox.uri} has not answered for {outbox.behind_for():.0f} s; {pending} writes wait in "
+            f"{outbox.path}. Nothing is lost: `hesstune sync {name} --output {output}` sends them "
+            "once it answers (so does --resume)"
+        )
+        return pending
+    if outbox.outages:
+        log(
+            f"tracking: behind for {outbox.behind_s:.0f} s in {outbox.outages} outage(s) of {outbox.uri}; "
+            f"{outbox.late} writes were sent late, none lost"
+        )
+    return 0
+
+
+def _fail_fast_tracking() -> None:
+    """MLflow's client retries a request that gets no answer for about 4 minutes before it
+    raises (120 s per attempt when the network drops packets): the outbox retries for ever
+    anyway, so in the driver a request gives up within seconds and the outbox notices an outage,
+    and its end, soon. A user's own settings win."""
+    for key, value in (
+        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+    ):
+        os.environ.setdefault(key, value)
 
 
 def _write_meta(paths: SweepPaths, opts: SweepOptions) -> None:

@@ -248,12 +248,15 @@ def _log_params(mc: Any, run_id: str, params: Mapping[str, Any]) -> None:
         _retry(mc.log_batch, run_id, params=items[i : i + 100])
 
 
-def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int, *, trial: bool = False) -> None:
+def log_metrics(
+    mc: Any, run_id: str, metrics: Mapping[str, Any], step: int, *, trial: bool = False, timestamp: int | None = None
+) -> None:
     """Log every finite numeric metric in one batch (NaN/inf and non-numbers are skipped).
-    ``trial``: a trial's metrics, named as in :func:`mlflow_key` and headline metrics first."""
+    ``trial``: a trial's metrics, named as in :func:`mlflow_key` and headline metrics first.
+    ``timestamp``: when they were measured, in ms (default: now)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp is None else timestamp
     first = {k: i for i, k in enumerate(HEADLINE_METRICS)}
     keys = sorted(metrics, key=lambda k: first.get(k, len(first))) if trial else list(metrics)
     items = [
@@ -299,6 +302,8 @@ def open_child(
     run_id = find_child(mc, exp_id, parent_id, trial_id)
     if run_id is not None:
         _retry(mc.update_run, run_id, status="RUNNING")
+        if params and not _retry(mc.get_run, run_id).data.params:  # created, then cut off before its params
+            _log_params(mc, run_id, params)
         return run_id
     tags = {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **(tags or {})}
     run = _retry(mc.create_run, exp_id, run_name=name, tags=tags)
