@@ -73,9 +73,9 @@ def cluster() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_server(out: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``hesstune server`` on a free loopback port, until the block ends; yields its URL."""
-    port = free_port()
+def running_server(out: Path, *flags: str, env: dict[str, str] | None = None, port: int = 0) -> Iterator[str]:
+    """``hesstune server`` on loopback ``port`` (default: a free one), until the block ends; yields its URL."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuning.cli", "server", "--port", str(port), "--output", str(out), *flags],
         env=env or base_env(),

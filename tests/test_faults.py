@@ -173,7 +173,7 @@ def test_a_killed_trial_worker_is_retried(tmp_path: Path, env: dict[str, str]) -
     with open(log, "w") as fh:
         driver = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        victim = _wait_for_trial_worker(out, timeout=300)
+        victim = _wait_for_trial_worker(out, driver.pid, timeout=300)
         os.kill(victim, signal.SIGKILL)
         assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
@@ -185,8 +185,33 @@ def test_a_killed_trial_worker_is_retried(tmp_path: Path, env: dict[str, str]) -
         assert steps(run_id)[-1] == 6
 
 
-def _wait_for_trial_worker(out: Path, timeout: float) -> int:
-    """PID of a Ray actor running a trial, once that trial has logged its first epoch."""
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (a local sweep's driver starts Ray, which starts the trials'
+    workers): other tests' Ray processes on this machine are not among them."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _wait_for_trial_worker(out: Path, driver: int, timeout: float) -> int:
+    """PID of a Ray actor running one of ``driver``'s trials, once a trial has logged its first epoch."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -194,8 +219,8 @@ def _wait_for_trial_worker(out: Path, timeout: float) -> int:
             started = "metrics.xtra/epoch" in children and (children["metrics.xtra/epoch"] >= 1).any()
         except Exception:
             started = False
-        pids = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout.split()
+        pids = [pid for pid in _descendants(driver) if "ray::ImplicitFunc" in _cmdline(pid)]
         if started and pids:
-            return int(pids[0])
+            return pids[0]
         time.sleep(1.0)
     raise AssertionError("no trial worker appeared")

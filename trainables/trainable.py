@@ -13,6 +13,7 @@ import io
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,12 @@ def _fault_injection(epoch: int) -> None:
     fail once after epoch E's report (a marker per trial in ``HESSTUNE_FAULT_DIR`` remembers it),
     so the retry must resume from that epoch's checkpoint; ``corrupt-once@E`` also truncates that
     checkpoint first (found below ``HESSTUNE_FAULT_DIR``, which must hold the sweep's --output),
-    so the retry must detect it and fall back to the one before."""
+    so the retry must detect it and fall back to the one before. ``slow@S`` sleeps S seconds after
+    every epoch: trials that last long while using little CPU (the tracking-outage test)."""
     fault = os.environ.get("HESSTUNE_FAULT", "")
+    if fault.startswith("slow@"):
+        time.sleep(float(fault.removeprefix("slow@")))
+        return
     if fault not in (f"raise-once@{epoch}", f"corrupt-once@{epoch}"):
         return
     from ray import tune
