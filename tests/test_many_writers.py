@@ -18,7 +18,7 @@ from tests.test_cluster import base_env, running_server
 
 pytestmark = pytest.mark.slow
 
-TRIALS, EPOCHS = 4, 3
+TRIALS, EPOCHS = 4, 2
 
 
 @contextlib.contextmanager

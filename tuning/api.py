@@ -281,12 +281,22 @@ class Sweep:
 
     def report(self, criterion: str | None = None, *, top: int = 10) -> str:
         """The leaderboard, correlations and (two objectives) Pareto front, as ``hesstune report``."""
+        from tuning.outbox import undelivered
         from tuning.report import format_report
 
         table = self.trials()
+        waiting = undelivered(self.folder)
+        note = (
+            f"note: {waiting} writes of this sweep have not reached {self.tracking_uri} yet (it did not answer): "
+            f"`hesstune sync {self.name}` sends them; until then this report lacks them\n\n"
+            if waiting
+            else ""
+        )
         if table.empty:
-            return "no trial finished: nothing to rank"
-        return format_report(table, self.criterion(criterion, table=table), top=top, objective=self.options.objective)
+            return note + "no trial finished: nothing to rank"
+        return note + format_report(
+            table, self.criterion(criterion, table=table), top=top, objective=self.options.objective
+        )
 
     def study(self) -> Any:
         """The sweep's Optuna study (``optuna.Study``): every trial its searcher asked, all runs."""

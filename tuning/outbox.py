@@ -40,7 +40,7 @@ from tuning.tracking import (
     set_text_tags,
 )
 
-__all__ = ["OUTBOX", "Outbox", "TrackingBehind", "open_outbox"]
+__all__ = ["OUTBOX", "Outbox", "TrackingBehind", "current_outbox", "open_outbox", "undelivered"]
 
 OUTBOX = "tracking_outbox.jsonl"
 STATE = "tracking_outbox.state.json"
@@ -210,7 +210,8 @@ class Outbox:
         if self.behind_since is None:
             self.behind_since = time.time()
             self.outages += 1
-            reason = " ".join(str(exc).split())[:200]
+            before, _, after = " ".join(str(exc).split()).partition(" failed with exception ")
+            reason = (after or before)[:160]
             self.log(
                 f"tracking: {self.uri} does not answer ({reason}); trials go on, their writes wait in {self.path} "
                 f"and are sent when it answers"
@@ -320,6 +321,18 @@ def _complete_size(path: Path) -> int:
     """Bytes of ``path`` up to and including its last newline."""
     data = path.read_bytes()
     return data.rfind(b"\n") + 1
+
+
+def undelivered(folder: Path) -> int:
+    """Writes in the outbox of the sweep in ``folder`` that its store has not had yet (read
+    without opening it: a running sweep may be delivering them)."""
+    path = folder / OUTBOX
+    if not path.exists():
+        return 0
+    state = json.loads((folder / STATE).read_text()) if (folder / STATE).exists() else {}
+    with open(path, "rb") as fh:
+        fh.seek(int(state.get("offset", 0)))
+        return fh.read().count(b"\n")
 
 
 _OPEN: dict[Path, Outbox] = {}

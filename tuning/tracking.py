@@ -175,11 +175,25 @@ def server_auth_environment(output: Path, auth_file: Path | None) -> dict[str, s
     return {**admin, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secret}
 
 
+_READY: set[str] = set()  # sqlite stores whose schema this process has seen created
+
+
 def client(uri: str) -> Any:
+    """An MLflow client of ``uri``. A sqlite store is created under a file lock: MLflow builds a
+    new file's tables in steps, and two sweeps started at once in one --output would otherwise
+    both build them (the second fails in the middle of alembic's migration)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+        mc = MlflowClient(tracking_uri=uri)  # opens the store: creates or migrates its tables
+    _READY.add(uri)
+    return mc
 
 
 def _retry(fn: Any, *args: Any, attempts: int = 5, **kwargs: Any) -> Any:
