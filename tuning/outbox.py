@@ -107,7 +107,7 @@ class Outbox:
             fh.truncate(self._size)
         self._writer = open(self.path, "ab")  # noqa: SIM115 (lives as long as the outbox)
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        self.offset = int(state.get("offset", 0))
+        self.offset = min(int(state.get("offset", 0)), self._size)
         self.behind_s = float(state.get("behind_s", 0.0))  # time spent behind, all outages so far
         self.outages = int(state.get("outages", 0))
         self.late = int(state.get("late", 0))  # writes delivered after an outage began
@@ -126,7 +126,7 @@ class Outbox:
                     f"the tracking store {self.uri} has not answered for {_duration(self.behind_for())} and "
                     f"{(self._size - self.offset) / 2**20:.0f} MiB of writes are waiting in {self.path}: the sweep "
                     "stops here, its trials are checkpointed; once the store answers, "
-                    "`hesstune sweep --resume NAME` delivers them and goes on"
+                    f"`hesstune sweep --resume {self.path.parent.name}` delivers them and goes on"
                 )
             self._writer.write(line)
             self._writer.flush()
@@ -134,15 +134,9 @@ class Outbox:
             self._cond.notify_all()
         self._start()
 
-    def pending(self) -> int:
-        """Bytes queued and not yet delivered."""
-        with self._cond:
-            return self._size - self.offset
-
     def pending_writes(self) -> int:
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            return fh.read(self._size - self.offset).count(b"\n")
+        """Writes queued and not yet delivered."""
+        return _lines_after(self.path, self.offset)
 
     def wait(self, timeout: float) -> bool:
         """Block until every queued write is delivered (True) or ``timeout`` seconds pass (False)."""
@@ -330,8 +324,12 @@ def undelivered(folder: Path) -> int:
     if not path.exists():
         return 0
     state = json.loads((folder / STATE).read_text()) if (folder / STATE).exists() else {}
+    return _lines_after(path, int(state.get("offset", 0)))
+
+
+def _lines_after(path: Path, offset: int) -> int:
     with open(path, "rb") as fh:
-        fh.seek(int(state.get("offset", 0)))
+        fh.seek(offset)
         return fh.read().count(b"\n")
 
 
