@@ -53,3 +53,15 @@ def write_idx_folder(
             path = root / (name + (".gz" if gz else ""))
             path.write_bytes(gzip.compress(data) if gz else data)
     return root
+
+
+# The suite runs on two pytest-xdist workers, a file at a time each (--dist loadfile: a module's
+# fixtures, such as a shared sweep, are built once). Workers take files in collection order, so
+# the longest files go first and the short ones fill in at the end; the outage test is long but
+# mostly waits for a stopped server, which leaves the CPUs to the other worker.
+LONGEST_FIRST = ("test_outage.py", "test_sweep.py", "test_faults.py", "test_cluster.py", "test_many_writers.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

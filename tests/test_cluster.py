@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 
 from tests.audit import audit_sweep
+from tests.processes import process_table, with_descendants
 
 pytestmark = pytest.mark.slow
 
@@ -60,25 +61,9 @@ def node_processes(temp: str) -> set[int]:
     """The processes of the Ray node started with ``--temp-dir=temp``: those whose command line
     names that folder (raylet, GCS, monitors) and all their descendants (agents and workers, which
     rename themselves ``ray::…``). Read from /proc, so no other Ray instance can match."""
-    parent: dict[int, int] = {}
-    found: set[int] = set()
+    table = process_table()
     names = (f"{temp}/".encode(), f"{temp}\0".encode())  # the folder itself, not one it is a prefix of
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # the process ended meanwhile
-            continue
-        parent[int(entry.name)] = ppid
-        if any(name in cmdline for name in names):
-            found.add(int(entry.name))
-    grew = True
-    while grew:
-        more = {pid for pid, ppid in parent.items() if ppid in found} - found
-        found |= more
-        grew = bool(more)
+    found = with_descendants({pid for pid, (_, cmd) in table.items() if any(n in cmd for n in names)}, table)
     return found - {os.getpid()}
 
 

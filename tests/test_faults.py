@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from tests.processes import process_table, with_descendants
+
 pytestmark = pytest.mark.slow
 
 NO_MEASURE = ["--set", "measure.enabled=false", "--objective", "val_acc"]
@@ -185,31 +187,6 @@ def test_a_killed_trial_worker_is_retried(tmp_path: Path, env: dict[str, str]) -
         assert steps(run_id)[-1] == 6
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (a local sweep's driver starts Ray, which starts the trials'
-    workers): other tests' Ray processes on this machine are not among them."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _wait_for_trial_worker(out: Path, driver: int, timeout: float) -> int:
     """PID of a Ray actor running one of ``driver``'s trials, once a trial has logged its first epoch."""
     deadline = time.time() + timeout
@@ -219,7 +196,8 @@ def _wait_for_trial_worker(out: Path, driver: int, timeout: float) -> int:
             started = "metrics.xtra/epoch" in children and (children["metrics.xtra/epoch"] >= 1).any()
         except Exception:
             started = False
-        pids = [pid for pid in _descendants(driver) if "ray::ImplicitFunc" in _cmdline(pid)]
+        table = process_table()  # the driver's own Ray: other tests' trials are not below it
+        pids = [pid for pid in with_descendants({driver}, table) if b"ray::ImplicitFunc" in table[pid][1]]
         if started and pids:
             return pids[0]
         time.sleep(1.0)
