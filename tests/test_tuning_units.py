@@ -214,6 +214,26 @@ def test_a_trial_started_after_tunes_last_save_is_ended_as_lost_on_resume(tmp_pa
     second.outbox.close()
 
 
+def test_a_trial_retried_on_another_node_is_tagged_with_where_it_runs_now(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tuning.callbacks import TrackingCallback
+    from tuning.tracking import client, ensure_parent_run, find_child
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id, parent_id = ensure_parent_run(uri, "moved", tags={}, params={})
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={})
+    tracker = TrackingCallback(uri, exp_id, parent_id, sweep="moved", folder=tmp_path / "sweep")
+    for epoch, node in [(1, "dead"), (2, "dead"), (3, "head")]:
+        tracker.on_trial_result(0, [trial], trial, {"epoch": epoch, "node_id": node, "gpu_ids": ""})
+    assert tracker.outbox.wait(30)
+    sent = [op["tags"]["hesstune.node_id"] for op in tracker.outbox.records() if op["op"] == "tags"]
+    assert sent == ["dead", "head"]  # once per move, not every epoch
+    mc = client(uri)
+    assert mc.get_run(find_child(mc, exp_id, parent_id, "t1")).data.tags["hesstune.node_id"] == "head"
+    tracker.outbox.close()
+
+
 class FlakyClient:
     """A real MLflow client whose store can be taken down: every call then fails as MLflow's
     REST client does when the server does not answer. ``lose_reply`` makes the next write land

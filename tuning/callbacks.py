@@ -23,6 +23,14 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in result.items() if k not in RAY_KEYS and isinstance(v, int | float)}
 
 
+def _per_process_state() -> dict[str, Any]:
+    """A tracker's state that a driver process rebuilds for itself (not pickled with Tune's):
+    the trials whose run it has asked to open, each trial's node and GPU tags as last sent, the
+    final metrics of finished trials (read from the outbox when first needed), and whether it has
+    ended the runs a resumed sweep no longer knows."""
+    return {"_opened": set(), "_where": {}, "_finals": None, "_checked_lost": False}
+
+
 class TrackingCallback(Callback):
     """One MLflow child run per trial under the sweep's parent run; live sweep statistics.
 
@@ -42,6 +50,10 @@ class TrackingCallback(Callback):
 
     objectives = ""  # for trackers pickled by sweeps of older versions
     folder = ""
+    _opened: set[str]  # these four: _per_process_state
+    _where: dict[str, dict[str, str]]
+    _finals: dict[str, dict[str, Any]] | None
+    _checked_lost: bool
 
     def __init__(
         self, uri: str, exp_id: str, parent_id: str, *, sweep: str, folder: Path, objectives: str = ""
@@ -49,15 +61,13 @@ class TrackingCallback(Callback):
         self.uri, self.exp_id, self.parent_id = uri, exp_id, parent_id
         self.sweep, self.folder = sweep, str(folder)  # folder: the sweep's, where its outbox lives
         self.objectives = objectives  # the search objective; several (a,b): the parent gets the Pareto front
-        self._opened: set[str] = set()  # trials whose run this driver process has asked to open
-        self._finals: dict[str, dict[str, Any]] | None = None  # final metrics of finished trials
-        self._checked_lost = False
+        self.__dict__.update(_per_process_state())
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_opened": set(), "_finals": None, "_checked_lost": False}
+        return {**self.__dict__, **_per_process_state()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_opened": set(), "_finals": None, "_checked_lost": False, **state})
+        self.__dict__.update({**_per_process_state(), **state})
 
     @property
     def outbox(self) -> Outbox:
@@ -93,8 +103,10 @@ class TrackingCallback(Callback):
         epoch = int(metrics.get("epoch", 0))
         box, tid = self.outbox, trial.trial_id
         box.put("metrics", trial=tid, step=epoch, ts=_now_ms(), values=_finite_values(metrics))
-        tags = {f"hesstune.{k}": result[k] for k in ("node_id", "gpu_ids") if isinstance(result.get(k), str)}
-        tags = tags if epoch == 1 else {}
+        # where it runs, tagged again when that changes (a trial retried on another node moves)
+        where = {f"hesstune.{k}": result[k] for k in ("node_id", "gpu_ids") if isinstance(result.get(k), str)}
+        tags = dict(where) if self._where.get(tid) != where else {}
+        self._where[tid] = where
         if isinstance(result.get(RECOVERY_KEY), str):  # the trial resumed past a damaged checkpoint
             tags[f"hesstune.{RECOVERY_KEY}"] = result[RECOVERY_KEY]
         if metrics.get("final"):
