@@ -17,8 +17,14 @@ import torch
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Point ``HESSTUNE_CACHE`` at a session tmp dir and keep torch to one thread (shared CPUs)."""
-    cache = tmp_path_factory.mktemp("hesstune-cache")
+    """Point ``HESSTUNE_CACHE`` at a session tmp dir and keep torch to one thread (shared CPUs).
+    The xdist workers share one cache (the source model is pretrained once, under a lock)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        cache = tmp_path_factory.getbasetemp().parent / "hesstune-cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("hesstune-cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("HESSTUNE_CACHE", str(cache))
     mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -60,6 +66,7 @@ def write_idx_folder(
 # the longest files go first and the short ones fill in at the end; the outage test is long but
 # mostly waits for a stopped server, which leaves the CPUs to the other worker.
 LONGEST_FIRST = ("test_outage.py", "test_sweep.py", "test_faults.py", "test_cluster.py", "test_many_writers.py")
+# (pyproject's addopts pass --no-loadscope-reorder: by default xdist would order files by test count)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -187,19 +187,26 @@ def ensure_source_model(name: str, task: TaskConfig, *, log: Callable[[str], Non
     path = cache_dir() / f"source-{name}-{kind}-{task.image_size}px-{source_key(name, task)}.safetensors"
     if path.is_file():
         return path
-    from trainables.data import load_source_task
+    import fcntl
 
-    source = load_source_task(task)
-    log(
-        f"pretraining {name} on the source classes {list(source.classes)} of {task.name} "
-        f"({len(source.y)} images), once; cached at {path}"
-    )
-    tic = time.perf_counter()
-    model = _pretrain_source(name, source, source_recipe(task), log=log)
-    report = {"seconds": round(time.perf_counter() - tic, 1), **source_report(name, model, source, task)}
-    save_weights(model.state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    log(describe_source_report(report))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:  # two sweeps starting at once pretrain it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return path
+        from trainables.data import load_source_task
+
+        source = load_source_task(task)
+        log(
+            f"pretraining {name} on the source classes {list(source.classes)} of {task.name} "
+            f"({len(source.y)} images), once; cached at {path}"
+        )
+        tic = time.perf_counter()
+        model = _pretrain_source(name, source, source_recipe(task), log=log)
+        report = {"seconds": round(time.perf_counter() - tic, 1), **source_report(name, model, source, task)}
+        path.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        save_weights(model.state_dict(), path)  # atomic: its presence says the pretraining is done
+        log(describe_source_report(report))
     return path
 
 
