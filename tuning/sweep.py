@@ -185,6 +185,10 @@ def validate_options(opts: SweepOptions, *, resume: bool = False) -> SearchSpace
     if opts.warm_start and not resume:
         load_sweep(opts.output, opts.warm_start, flag="--warm-start")
     check_tracking_access(opts.tracking_uri)  # a server that is down or wants credentials: one line
+    if not opts.address:  # what the local Ray would have, known before starting it
+        import torch
+
+        check_trial_resources(opts, total={"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
     return space
 
 
@@ -283,13 +287,16 @@ def _init_ray(opts: SweepOptions) -> None:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
 
 
-def check_trial_resources(opts: SweepOptions, log: Callable[[str], None] = print) -> None:
-    """One trial must fit the Ray cluster's resources, or its trials wait forever. On this machine
-    that is an error; a cluster (``--address``) may grow through its autoscaler, so there it is a
-    warning."""
-    import ray
+def check_trial_resources(
+    opts: SweepOptions, log: Callable[[str], None] = print, total: dict[str, float] | None = None
+) -> None:
+    """One trial must fit the Ray cluster's resources (``total``, default: Ray's count), or its
+    trials wait forever. On this machine that is an error; a cluster (``--address``) may grow
+    through its autoscaler, so there it is a warning."""
+    if total is None:
+        import ray
 
-    total = ray.cluster_resources()
+        total = ray.cluster_resources()
     where = f"at {opts.address}" if opts.address else "on this machine"
     for flag, asked, kind in (
         ("--gpus-per-trial", opts.gpus_per_trial, "GPU"),
