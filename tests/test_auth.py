@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.audit import audit_sweep
 from tests.test_cluster import base_env, running_server
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,7 @@ def test_with_credentials_a_sweep_runs_and_its_password_is_nowhere(auth_server: 
         mp.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
         mc = MlflowClient(tracking_uri=url)
         runs = mc.search_runs([mc.get_experiment_by_name("guarded").experiment_id])
+        audit_sweep(url, "guarded", trials=2, epochs=1)
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # parent + 2 trials
     for run in runs:
         values = [*run.data.params.values(), *run.data.tags.values(), *run.data.params, *run.data.tags]
