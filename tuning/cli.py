@@ -165,16 +165,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     else:
         done = api.run(_sweep_options(args), tracking_wait_s=args.tracking_wait)  # validates first
-    if done.tracking_pending:  # the report reads the store, which lacks some of the sweep
-        print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
+    if not done.tracking_pending:  # else the store lacks some of the sweep, and the report reads it
+        print()
+        print(done.report())
+    print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
+    if done.tracking_pending:
         print(f"report, once the store has everything:  hesstune report {done.name} --output {done.output}")
         if args.register is not None:
             print(f"hesstune sweep: not registered: run `hesstune sync {done.name}` first", file=sys.stderr)
             return 1
         return 0
-    print()
-    print(done.report())
-    print(f"\nsweep wall time {done.wall_s:.0f} s; {done.errors} trial(s) failed")
     if args.register is not None:
         _registered(args.register, done.register(args.register), done.parent_run_id)
     _where_to_look(done.tracking_uri, done.name, done.experiment_id, done.output)

@@ -35,7 +35,7 @@ from tuning.tracking import (
     find_child,
     log_metrics,
     logged_epochs,
-    mlflow_key,
+    logged_key,
     open_child,
     set_text_tags,
 )
@@ -297,12 +297,12 @@ class Outbox:
 
     def _landed(self, run_id: str, values: dict[str, float], step: int, ts: int, trial: bool) -> bool:
         """Whether this batch of metric points is in the store already (any of its points is: a
-        batch is written in one transaction)."""
-        key = next((k for k, v in values.items() if isinstance(v, int | float) and v == v), None)
+        batch is written in one transaction). Queued values are finite: JSON holds no NaN."""
+        key = next(iter(values), None)
         if key is None:
-            return True  # nothing finite to log
-        name = mlflow_key(key) if trial else key.replace(":", "_")
-        return any(m.step == step and m.timestamp == ts for m in self.mc.get_metric_history(run_id, name))
+            return True  # nothing to log
+        history = self.mc.get_metric_history(run_id, logged_key(key, trial=trial))
+        return any(m.step == step and m.timestamp == ts for m in history)
 
     def _replayed(self, run_id: str, epoch: int) -> None:
         tags = self.mc.get_run(run_id).data.tags

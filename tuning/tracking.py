@@ -274,12 +274,17 @@ def log_metrics(
     first = {k: i for i, k in enumerate(HEADLINE_METRICS)}
     keys = sorted(metrics, key=lambda k: first.get(k, len(first))) if trial else list(metrics)
     items = [
-        Metric(mlflow_key(k) if trial else _metric_key(k), float(metrics[k]), now, step)
+        Metric(logged_key(k, trial=trial), float(metrics[k]), now, step)
         for k in keys
         if isinstance(metrics[k], int | float) and not isinstance(metrics[k], bool) and math.isfinite(float(metrics[k]))
     ]
     for i in range(0, len(items), 500):
         _retry(mc.log_batch, run_id, metrics=items[i : i + 500])
+
+
+def logged_key(key: str, *, trial: bool) -> str:
+    """The MLflow name :func:`log_metrics` gives metric ``key`` (of a trial, or of the sweep)."""
+    return mlflow_key(key) if trial else _metric_key(key)
 
 
 def _metric_key(key: str) -> str:
